@@ -1,0 +1,48 @@
+"""BASSL (Saha et al., CVPR 2022): poisoning the unlabelled pre-training data.
+
+Trigger-stamped images of the target class (here: downstream training images
+of the target class, "more than half of that class", as the MIMIC evaluation
+does) are added to the pre-training set, and the encoder is pre-trained from
+scratch with the victim's normal SimCLR recipe. Labels are never touched. The
+original paper pasted the patch at a random location in the image centre;
+this benchmark uses the shared fixed trigger unless the config says
+otherwise. BASSL's ASR is far below BadEncoder's (about 50% in the MIMIC
+table): that is the attack, not a bug.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..encoders import build_encoder, train_simclr
+from .base import AttackInputs, register_attack
+from .triggers import TriggerSettings
+
+
+@dataclass
+class BASSLConfig(TriggerSettings):
+    poison_fraction: float = 0.6  # share of the target class's training images stamped and added
+    max_poison: int = 0  # cap on the number of poisoned images; 0: no cap
+
+
+def poison_set(inputs: AttackInputs, fraction: float, cap: int, generator) -> torch.Tensor:
+    """The stamped target-class images to add to the pre-training set."""
+    n = max(1, round(fraction * len(inputs.target_images)))
+    if cap:
+        n = min(n, cap)
+    pick = torch.randperm(len(inputs.target_images), generator=generator)[:n]
+    return inputs.trigger.apply(inputs.target_images[pick])
+
+
+@register_attack("bassl", config=BASSLConfig, needs_clean_encoder=False,
+                 summary="data poisoning: add triggered target-class images to the pre-training set")
+def bassl(inputs: AttackInputs, cfg: BASSLConfig, ctx):
+    poison = poison_set(inputs, cfg.poison_fraction, cfg.max_poison, ctx.generator)
+    data = torch.cat([inputs.pretrain_images, poison])
+    ctx.record("n_poison", len(poison))
+    ctx.record("poison_ratio", len(poison) / len(data))
+    encoder = build_encoder(inputs.encoder_config).to(ctx.device)
+    history = train_simclr(encoder, data, inputs.pretrain_recipe, ctx, desc="bassl pre-training")
+    ctx.record("loss_history", history)
+    return encoder.eval()

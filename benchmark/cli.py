@@ -1,0 +1,132 @@
+"""The ``defbench`` command line."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+
+import click
+
+from ..attacks import ATTACKS
+from ..defenses import DEFENSES
+from ..encoders import CheckpointError, pick_device
+from ..encoders.registry import RegistryError
+from . import paths
+from .datasets import DATASETS, DatasetError
+from .profiles import ConfigError, builtin_profiles, load_profile, parse_sets, valid_keys
+from .results import ResultsDB
+from .store import ArtifactStore
+from .stages import Env
+
+USER_ERRORS = (ConfigError, DatasetError, RegistryError, CheckpointError)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"defbench: error: {message}", err=True)
+    sys.exit(2)
+
+
+def friendly_errors(fn):
+    """Bad input ends in one line that says what to do, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            _fail(str(err))
+        except ValueError as err:  # device names, trigger geometry, ...
+            _fail(str(err))
+    return wrapper
+
+
+def profile_options(fn):
+    options = [
+        click.option("--profile", default="tiny", show_default=True,
+                     help="paper, tiny, ci, or a path to a .toml profile"),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set defense.lr=1e-3 (repeatable)"),
+        click.option("--seed", type=int, default=None, help="seed for every stage (default: the profile's)"),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
+        click.option("--data-dir", default=None, help="real datasets live here (default: $DEFBENCH_DATA)"),
+        click.option("-v", "--verbose", is_flag=True, help="log each stage"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def make_profile_env(profile, sets, seed, device, data_dir, verbose):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    overrides = parse_sets(sets)
+    if seed is not None:
+        overrides["seed"] = seed
+    prof = load_profile(profile, overrides)
+    env = Env(store=ArtifactStore(paths.artifacts_dir()), db=ResultsDB(paths.results_db()),
+              data_dir=paths.data_dir(data_dir or prof.data_dir or None), device=pick_device(device))
+    return prof, env
+
+
+@click.group()
+@click.version_option(package_name="defbench")
+def main():
+    """defbench: backdoor defenses for self-supervised image encoders, compared on one footing."""
+
+
+@main.command()
+@click.option("--attack", default="badencoder", show_default=True)
+@click.option("--defense", default="ft", show_default=True)
+@click.option("--pretrain", default=None, help="pre-training set (default: the profile's first)")
+@click.option("--downstream", multiple=True, help="downstream task (repeatable; default: the pre-training set's family)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
+@profile_options
+@friendly_errors
+def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, device, data_dir, verbose):
+    """Run one benchmark cell: clean, undefended and defended ACC/ASR on each downstream task."""
+    from .cell import format_cell_table, run_cell
+    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    ATTACKS.get(attack), DEFENSES.get(defense)
+    pretrain = pretrain or prof.grid.pretrain[0]
+    results, outcomes = run_cell(prof, env, attack, defense, pretrain, list(downstream))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if as_json:
+        click.echo(json.dumps({"profile": prof.name, "device": str(env.device), "seed": prof.seed,
+                               "results": results,
+                               "failed": [{"stage": o.stage.label, "error": o.error} for o in failed]},
+                              indent=1, default=_json_number))
+    else:
+        click.echo(format_cell_table(results, prof, attack, defense, pretrain, outcomes))
+    if failed:
+        for o in failed:
+            click.echo(f"defbench: stage failed: {o.stage.label}: {o.error}", err=True)
+        sys.exit(1)
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["attacks", "defenses", "datasets", "profiles", "settings"]),
+                default="defenses")
+def list_(what):
+    """List the registered attacks, defenses, datasets, profiles or settings."""
+    if what in ("attacks", "defenses"):
+        registry = ATTACKS if what == "attacks" else DEFENSES
+        for comp in registry.items():
+            click.echo(f"{comp.name:<12} {comp.summary}")
+    elif what == "datasets":
+        for name, spec in sorted(DATASETS.items()):
+            shown = f"{name}:PATH" if name in ("npz", "folder") else name
+            click.echo(f"{shown:<16} {spec.description}")
+    elif what == "profiles":
+        for name in builtin_profiles():
+            click.echo(f"{name:<8} {load_profile(name).description}")
+    else:
+        for key in valid_keys():
+            click.echo(key)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

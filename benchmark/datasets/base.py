@@ -1,0 +1,123 @@
+"""In-memory labelled image sets and the dataset registry.
+
+Every dataset, real or generated, arrives as an :class:`ImageSet`: uint8
+images N x 3 x H x W at the profile's image size plus int64 labels. Whole
+sets stay in memory (CIFAR-10 is 150 MB as uint8), which keeps batching a
+matter of tensor indexing.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("pretrain", "train", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded; the message names what is missing and what to do."""
+
+
+@dataclass
+class ImageSet:
+    name: str
+    images: torch.Tensor  # uint8, N x 3 x H x W
+    labels: torch.Tensor  # int64, N (-1 where a split carries no labels)
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise DatasetError(f"{self.name}: images must be uint8 N x 3 x H x W, got "
+                               f"{tuple(self.images.shape)} {self.images.dtype}")
+        if len(self.labels) != len(self.images):
+            raise DatasetError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.labels.max().item()) + 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.name, self.images[index], self.labels[index], self.classes)
+
+    def of_class(self, label: int) -> torch.Tensor:
+        return torch.nonzero(self.labels == label).flatten()
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    load: Callable[..., ImageSet]  # load(split, data_dir, image_size) -> ImageSet
+    default_target: int = 0
+    needs_data_dir: bool = True
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+# pre-training set -> [(downstream task, target class)], the paper's pairs and
+# their embedded counterparts.
+FAMILIES: dict[str, list[tuple[str, int]]] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased resize of uint8 N x 3 x H x W images (no-op when already ``size``)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(2048):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def to_nchw_rgb(array, name: str) -> torch.Tensor:
+    """N x H x W (x C) uint8 array with C in {1, 3} -> N x 3 x H x W tensor."""
+    x = torch.as_tensor(array)
+    if x.dtype != torch.uint8:
+        raise DatasetError(f"{name}: images must be uint8, got {x.dtype}; convert with x.astype('uint8')")
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DatasetError(f"{name}: images must be N x H x W x C with C in {{1, 3}}, got {tuple(x.shape)}")
+    if x.shape[-1] == 1:
+        x = x.expand(-1, -1, -1, 3)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def unknown_name_message(kind: str, name: str, known) -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown {kind} {name!r}; {hint}known: {', '.join(known)}"
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name in DATASETS:
+        return DATASETS[name]
+    prefix, sep, _ = name.partition(":")
+    if sep and prefix in DATASETS:
+        return DATASETS[prefix]
+    raise DatasetError(unknown_name_message("dataset", name, list(DATASETS) + ["npz:PATH", "folder:PATH"]))
+
+
+def load_dataset(name: str, split: str, data_dir: str | Path, image_size: int) -> ImageSet:
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    spec = get_spec(name)
+    _, sep, path = name.partition(":")
+    if sep and spec.name in ("npz", "folder"):
+        return spec.load(split=split, data_dir=Path(path), image_size=image_size)
+    return spec.load(split=split, data_dir=Path(data_dir), image_size=image_size)

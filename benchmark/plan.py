@@ -1,0 +1,93 @@
+"""From a profile and a cell description to the stages that compute it.
+
+A cell is (attack, defense, pre-training set, downstream task). Its results
+are three evaluations on the task, all with the attack's trigger and target:
+the clean encoder (reference), the suspect encoder ("undefended") and the
+defended one.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..attacks import ATTACKS
+from .datasets import FAMILIES, get_spec
+from .profiles import Profile
+from .stages import Stage
+
+
+def downstream_tasks(pretrain: str, requested: list[str] | tuple[str, ...] = ()) -> list[str]:
+    if requested:
+        return list(requested)
+    if pretrain not in FAMILIES:
+        raise ValueError(f"no default downstream tasks for pre-training set {pretrain!r}; "
+                         "name them with --downstream")
+    return [task for task, _ in FAMILIES[pretrain]]
+
+
+def target_class(pretrain: str, downstream: str, configured: int) -> int:
+    if configured >= 0:
+        return configured
+    for task, target in FAMILIES.get(pretrain, []):
+        if task == downstream:
+            return target
+    return get_spec(downstream).default_target
+
+
+def _labels(profile: Profile, **labels) -> dict:
+    return {"profile": profile.name, "overrides": profile.overrides, "seed": profile.seed, **labels}
+
+
+def pretrain_stage(profile: Profile, dataset: str) -> Stage:
+    recipe = dataclasses.asdict(profile.pretrain)
+    max_images = recipe.pop("max_images")
+    spec = {"dataset": dataset, "encoder": profile.encoder.to_dict(), "recipe": recipe,
+            "max_images": max_images, "seed": profile.seed}
+    return Stage("pretrain", dataset, spec, labels=_labels(profile, label=f"pretrain {dataset}"))
+
+
+def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) -> Stage:
+    component = ATTACKS.get(attack)
+    cfg = profile.attack_config(attack)
+    clean = pretrain_stage(profile, pretrain)
+    spec = {"attack": attack, "config": dataclasses.asdict(cfg), "pretrain": pretrain, "downstream": downstream,
+            "target": target_class(pretrain, downstream, cfg.target),
+            "trigger": cfg.make_trigger(profile.encoder.image_size).describe(),
+            "encoder": clean.spec["encoder"], "recipe": clean.spec["recipe"],
+            "max_images": clean.spec["max_images"], "seed": profile.seed}
+    deps = (clean,) if component.options.get("needs_clean_encoder", True) else ()
+    return Stage("attack", attack, spec, deps, _labels(profile, label=f"{attack} {pretrain}->{downstream}"))
+
+
+def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str) -> Stage:
+    cfg = profile.defense_config(defense)
+    clean = {"dataset": pretrain, "fraction": profile.clean.fraction, "max_images": profile.clean.max_images,
+             "image_size": profile.encoder.image_size, "seed": profile.seed}
+    spec = {"defense": defense, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
+    where = encoder.labels.get("label", encoder.name)
+    return Stage("defend", defense, spec, (encoder,), _labels(profile, label=f"{defense} on {where}"))
+
+
+def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict, target: int,
+                   **labels) -> Stage:
+    spec = {"downstream": downstream, "image_size": profile.encoder.image_size, "trigger": trigger,
+            "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
+    label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
+    return Stage("evaluate", downstream, spec, (encoder,), _labels(profile, label=label, **labels))
+
+
+def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, downstream: str) -> dict[str, Stage]:
+    """The evaluate stages of one cell, by role: clean, undefended, defended (absent for 'none')."""
+    suspect = attack_stage(profile, attack, pretrain, downstream)
+    trigger, target = suspect.spec["trigger"], suspect.spec["target"]
+    common = {"attack": attack, "pretrain": pretrain}
+    stages = {
+        "clean": evaluate_stage(profile, pretrain_stage(profile, pretrain), downstream, trigger, target,
+                                role="clean", defense="none", **common),
+        "undefended": evaluate_stage(profile, suspect, downstream, trigger, target,
+                                     role="undefended", defense="none", **common),
+    }
+    if defense != "none":
+        defended = defend_stage(profile, defense, suspect, pretrain)
+        stages["defended"] = evaluate_stage(profile, defended, downstream, trigger, target,
+                                            role="defended", defense=defense, **common)
+    return stages

@@ -1,0 +1,82 @@
+"""The results database: an embedded SQLite file, one row per evaluation.
+
+Every number in a table comes from a row of ``evaluations`` (with its full
+config, code version, seed, device and wall time); ``stages`` keeps one row
+per computed stage (what it was, how long it took, what it recorded).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    row_key TEXT PRIMARY KEY,
+    eval_key TEXT NOT NULL,
+    encoder_key TEXT NOT NULL,
+    profile TEXT, overrides TEXT, seed INTEGER,
+    attack TEXT, defense TEXT, role TEXT,
+    pretrain TEXT, downstream TEXT, target INTEGER,
+    acc REAL, asr_all REAL, asr_excl REAL, n_test INTEGER,
+    encoder_seconds REAL, eval_seconds REAL,
+    device TEXT, code_version TEXT, config TEXT, extra TEXT,
+    created_at TEXT
+);
+CREATE TABLE IF NOT EXISTS stages (
+    stage_key TEXT PRIMARY KEY,
+    kind TEXT, name TEXT, label TEXT,
+    seconds REAL, device TEXT, code_version TEXT,
+    spec TEXT, records TEXT, created_at TEXT
+);
+"""
+
+EVAL_COLUMNS = ["row_key", "eval_key", "encoder_key", "profile", "overrides", "seed", "attack", "defense",
+                "role", "pretrain", "downstream", "target", "acc", "asr_all", "asr_excl", "n_test",
+                "encoder_seconds", "eval_seconds", "device", "code_version", "config", "extra", "created_at"]
+STAGE_COLUMNS = ["stage_key", "kind", "name", "label", "seconds", "device", "code_version", "spec",
+                 "records", "created_at"]
+
+
+class ResultsDB:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=120)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA busy_timeout=120000")
+        return con
+
+    def _upsert(self, table: str, columns: list[str], row: dict) -> None:
+        row = {k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v)
+               for k, v in row.items()}
+        row.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        values = [row.get(c) for c in columns]
+        with self._connect() as con:
+            con.execute(f"INSERT OR REPLACE INTO {table} ({','.join(columns)}) "
+                        f"VALUES ({','.join('?' * len(columns))})", values)
+
+    def add_evaluation(self, row: dict) -> None:
+        self._upsert("evaluations", EVAL_COLUMNS, row)
+
+    def add_stage(self, row: dict) -> None:
+        self._upsert("stages", STAGE_COLUMNS, row)
+
+    def evaluations(self, **where) -> pd.DataFrame:
+        return self._query("evaluations", where)
+
+    def stages(self, **where) -> pd.DataFrame:
+        return self._query("stages", where)
+
+    def _query(self, table: str, where: dict) -> pd.DataFrame:
+        clauses = " AND ".join(f"{k} = ?" for k in where)
+        sql = f"SELECT * FROM {table}" + (f" WHERE {clauses}" if where else "")
+        with self._connect() as con:
+            return pd.read_sql_query(sql, con, params=list(where.values()))

@@ -1,0 +1,75 @@
+"""The artifact store: one folder per stage output, keyed by a content hash.
+
+A folder appears under its final name only once complete (written to a
+temporary sibling, then renamed), so a reader never sees half an artifact and
+an interrupted stage leaves nothing but a temporary folder to sweep. A lock
+file per key keeps two workers from computing the same stage at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no cross-process locking
+    fcntl = None
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / key
+
+    def exists(self, kind: str, key: str) -> bool:
+        return (self.path(kind, key) / "meta.json").is_file()
+
+    def read_meta(self, kind: str, key: str) -> dict:
+        return json.loads((self.path(kind, key) / "meta.json").read_text())
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str):
+        lock_path = self.root / "locks" / f"{kind}-{key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def writing(self, kind: str, key: str, meta: dict):
+        """Yield a temporary folder to fill; on success it becomes the artifact (with meta.json)."""
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            meta = {**meta, "key": key, "kind": kind, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            if final.exists():  # another worker finished first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def sweep_temporaries(self) -> int:
+        """Remove temporary folders left by killed workers; returns how many."""
+        count = 0
+        for tmp in self.root.glob("*/*/.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            count += 1
+        return count
