@@ -14,7 +14,8 @@ from ..defenses import DEFENSES
 from ..encoders import CheckpointError, pick_device
 from ..encoders.registry import RegistryError
 from . import paths
-from .datasets import DATASETS, DatasetError
+from .datasets import DATASETS, DatasetError, load_dataset
+from .plan import downstream_tasks
 from .profiles import ConfigError, builtin_profiles, load_profile, parse_sets, valid_keys
 from .results import ResultsDB
 from .store import ArtifactStore
@@ -88,6 +89,7 @@ def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, dev
     prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
     ATTACKS.get(attack), DEFENSES.get(defense)
     pretrain = pretrain or prof.grid.pretrain[0]
+    check_datasets(prof, env, pretrain, downstream_tasks(pretrain, downstream))
     results, outcomes = run_cell(prof, env, attack, defense, pretrain, list(downstream))
     failed = [o for o in outcomes if o.status == "failed"]
     if as_json:
@@ -101,6 +103,14 @@ def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, dev
         for o in failed:
             click.echo(f"defbench: stage failed: {o.stage.label}: {o.error}", err=True)
         sys.exit(1)
+
+
+def check_datasets(prof, env, pretrain: str, tasks: list[str]) -> None:
+    """Load every dataset up front so a missing one fails in one line before any training."""
+    load_dataset(pretrain, "pretrain", env.data_dir, prof.encoder.image_size)
+    for task in tasks:
+        for split in ("train", "test"):
+            load_dataset(task, split, env.data_dir, prof.encoder.image_size)
 
 
 def _json_number(value):

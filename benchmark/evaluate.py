@@ -71,3 +71,13 @@ def score(pred_clean: torch.Tensor, pred_triggered: torch.Tensor, labels: torch.
         "asr_excl": 100.0 * hit[not_target].mean().item() if not_target.any() else float("nan"),
         "n_test": int(len(labels)),
     }
+
+
+def evaluate_encoder(encoder: Encoder, train, test, trigger, target: int, cfg: EvalSettings,
+                     ctx: RunContext) -> dict:
+    """ACC/ASR of one encoder on one task (ImageSets), without the artifact store."""
+    f_train = extract_features(encoder, train.images, ctx, cfg.feature_batch)
+    f_test = extract_features(encoder, test.images, ctx, cfg.feature_batch)
+    f_trig = extract_features(encoder, test.images, ctx, cfg.feature_batch, trigger=trigger)
+    probe = train_probe(f_train, train.labels, max(train.num_classes, test.num_classes), cfg, ctx)
+    return score(predict(probe, f_test, ctx.device), predict(probe, f_trig, ctx.device), test.labels, target)

@@ -1,0 +1,157 @@
+"""The harness: caching, the defense contract, results rows, the CLI's errors."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from defbench.benchmark import runner
+from defbench.benchmark.cli import main
+from defbench.benchmark.plan import cell_stages, defend_stage
+from defbench.benchmark.runner import execute, run_one
+from defbench.defenses import DEFENSES, CleanData, register_defense
+from defbench.defenses.base import DEFENSES as _REGISTRY
+
+from conftest import PRETRAIN, TASK
+
+
+@dataclasses.dataclass
+class SpyConfig:
+    epochs: int = 1
+
+
+SEEN = {}
+
+
+@register_defense("spy", config=SpyConfig, summary="test spy: records what a defense is given")
+def spy_defense(encoder, clean, cfg, ctx):
+    SEEN.update(encoder=encoder, clean=clean, cfg=cfg, ctx=ctx)
+    return encoder
+
+
+def _reachable(obj, depth=0, seen=None):
+    """Every attribute value reachable from obj (a few levels deep)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 3:
+        return
+    seen.add(id(obj))
+    yield obj
+    children = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+        children = list(vars(obj).values())
+    for child in children:
+        yield from _reachable(child, depth + 1, seen)
+
+
+def test_a_defense_sees_only_the_encoder_unlabelled_clean_images_and_its_config(ci_profile, ci_env, ci_stages):
+    stage = defend_stage(ci_profile, "spy", ci_stages[1], PRETRAIN)
+    run_one(stage, ci_env)
+    clean, cfg, ctx = SEEN["clean"], SEEN["cfg"], SEEN["ctx"]
+    assert isinstance(clean, CleanData) and [f.name for f in dataclasses.fields(clean)] == ["images"]
+    assert clean.images.dtype == torch.uint8 and len(clean) == ci_profile.clean.max_images
+    assert isinstance(cfg, SpyConfig)
+    for value in _reachable([clean, cfg, ctx]):
+        assert not (torch.is_tensor(value) and value.dtype == torch.int64), "integer tensor (labels?) reachable"
+        names = set(vars(value)) if hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module) else set()
+        assert not names & {"labels", "target", "trigger", "test", "targets"}, names
+    # the clean images are a seeded random subset of the pre-training set, indices saved beside the result
+    index = torch.load(ci_env.store.path("defend", stage.key) / "clean_indices.pt", weights_only=True)
+    assert len(index) == len(clean) and not torch.equal(index, torch.arange(len(index)))
+
+
+def test_finished_stages_are_never_recomputed(ci_profile, ci_env, monkeypatch):
+    stages = list(cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK).values())
+    first = execute(stages, ci_env, show_progress=False)
+    assert all(o.status in ("ran", "cached") for o in first)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage was recomputed")
+    monkeypatch.setattr(runner, "run_stage", refuse)
+    again = execute(stages, ci_env, show_progress=False)
+    assert [o.status for o in again] == ["cached"] * len(again)
+
+
+def test_results_rows_carry_config_seed_device_and_code(ci_profile, ci_env):
+    stages = cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK)
+    execute(list(stages.values()), ci_env, show_progress=False)
+    rows = ci_env.db.evaluations(eval_key=stages["undefended"].key)
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert row.attack == "badencoder" and row.role == "undefended" and row.profile == "ci"
+    assert row.device == "cpu" and row.seed == 0 and len(row.code_version) == 12
+    assert json.loads(row.config)["eval"]["downstream"] == TASK
+    assert 0 <= row.acc <= 100 and 0 <= row.asr_all <= 100
+
+
+def test_a_lost_database_is_refilled_from_the_artifacts(ci_profile, ci_env, tmp_path):
+    from defbench.benchmark.results import ResultsDB
+    from defbench.benchmark.stages import Env
+    stages = list(cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK).values())
+    execute(stages, ci_env, show_progress=False)
+    fresh = Env(ci_env.store, ResultsDB(tmp_path / "new.sqlite"), ci_env.data_dir, ci_env.device)
+    outcomes = execute(stages, fresh, show_progress=False)
+    assert all(o.status == "cached" for o in outcomes)
+    assert len(fresh.db.evaluations()) == 2
+
+
+def test_a_failing_stage_fails_only_its_dependents(ci_profile, ci_env):
+    @dataclasses.dataclass
+    class Cfg:
+        pass
+
+    @register_defense("explodes", config=Cfg, summary="test: always fails")
+    def explodes(encoder, clean, cfg, ctx):
+        raise RuntimeError("boom")
+
+    stages = cell_stages(ci_profile, "badencoder", "explodes", PRETRAIN, TASK)
+    outcomes = {o.stage.labels.get("role", o.stage.kind): o for o in execute(list(stages.values()), ci_env, False)}
+    assert outcomes["defended"].status == "skipped"
+    assert outcomes["undefended"].status in ("ran", "cached")
+    failed = [o for o in execute(list(stages.values()), ci_env, False) if o.status == "failed"]
+    assert len(failed) == 1 and "boom" in failed[0].error
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "--attack", "badencodr"], "did you mean badencoder"),
+    (["run", "--defense", "nope"], "unknown defense 'nope'"),
+    (["run", "--set", "pretrain.epoch=2"], "pretrain.epochs"),
+    (["run", "--profile", "huge"], "unknown profile"),
+    (["run", "--pretrain", "imagenet"], "unknown dataset 'imagenet'"),
+    (["run", "--device", "cuda:7"], "CUDA is not available"),
+])
+def test_cli_bad_input_is_one_line_with_the_fix(args, expected):
+    if "cuda:7" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+
+
+def test_cli_missing_real_dataset_names_the_files(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--profile", "ci", "--pretrain", "cifar10", "--downstream", "svhn",
+                                       "--data-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "cifar-10-batches-py" in result.output
+
+
+def test_cli_run_json_on_a_cached_cell(ci_stages):
+    result = CliRunner().invoke(main, ["run", "--profile", "ci", "--defense", "none", "--downstream", TASK, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    (row,) = payload["results"]
+    for key in ("attack", "defense", "pretrain", "downstream", "acc", "asr", "acc_undefended", "asr_undefended",
+                "seconds", "asr_excl_target"):
+        assert key in row
+    assert row["pretrain"] == PRETRAIN and row["downstream"] == TASK
+
+
+def test_list_shows_registered_components():
+    out = CliRunner().invoke(main, ["list", "defenses"]).output
+    assert "ft " in out and "fine-tune" in out
+    assert "synth-gtsrb" in CliRunner().invoke(main, ["list", "datasets"]).output
