@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 PROFILE ?= tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo test clean-venv table1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,15 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The paper's Table I: the full grid, then the tables (PROFILE=tiny on a CPU; paper needs GPUs and the data)
+WORKERS ?= 1
+EXECUTOR ?= local
+table1: $(STAMP)
+	$(BIN)/defbench grid --profile $(PROFILE) --executor $(EXECUTOR) --workers $(WORKERS)
+	mkdir -p reports/out
+	$(BIN)/defbench table table1 --profile $(PROFILE) --format md -o reports/out/table1.md
+	$(BIN)/defbench table table1 --profile $(PROFILE) --format latex -o reports/out/table1.tex
+	$(BIN)/defbench table table1 --profile $(PROFILE) --format csv -o reports/out/table1.csv
+	$(BIN)/defbench table cost --profile $(PROFILE) --format md -o reports/out/cost.md
+	cat reports/out/table1.md

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import sys
+import time
+from pathlib import Path
 
 import click
 
@@ -13,6 +15,7 @@ from ..attacks import ATTACKS
 from ..defenses import DEFENSES
 from ..encoders import CheckpointError, pick_device
 from ..encoders.registry import RegistryError
+from ..reports.tables import ReportError
 from . import paths
 from .datasets import DATASETS, DatasetError, load_dataset
 from .plan import downstream_tasks
@@ -21,7 +24,7 @@ from .results import ResultsDB
 from .store import ArtifactStore
 from .stages import Env
 
-USER_ERRORS = (ConfigError, DatasetError, RegistryError, CheckpointError)
+USER_ERRORS = (ConfigError, DatasetError, RegistryError, CheckpointError, ReportError)
 
 
 def _fail(message: str) -> None:
@@ -115,6 +118,98 @@ def check_datasets(prof, env, pretrain: str, tasks: list[str]) -> None:
 
 def _json_number(value):
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+@main.command()
+@click.option("--attacks", default="", help="comma-separated attacks (default: the profile's grid.attacks)")
+@click.option("--defenses", default="", help="comma-separated defenses (default: the profile's grid.defenses)")
+@click.option("--pretrain", "pretrain_sets", default="", help="comma-separated pre-training sets")
+@click.option("--downstream", default="", help="comma-separated tasks (default: each pre-training set's family)")
+@click.option("--executor", type=click.Choice(["local", "submitit", "submitit-local"]), default="local",
+              show_default=True, help="local processes, or submitit (SLURM when available)")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="parallel stages (local: processes, one per GPU when CUDA is used; submitit: jobs in flight)")
+@profile_options
+@friendly_errors
+def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profile, sets, seed, device, data_dir,
+         verbose):
+    """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
+    from .grid import expand_grid, grid_spec, run_grid
+    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    spec = grid_spec(prof, _names(attacks), _names(defenses), _names(pretrain_sets), _names(downstream))
+    for name in spec.attacks:
+        ATTACKS.get(name)
+    for name in spec.defenses:
+        DEFENSES.get(name)
+    for pretrain in spec.pretrain:
+        check_datasets(prof, env, pretrain, downstream_tasks(pretrain, spec.downstream))
+    cells = expand_grid(prof, spec)
+    env.store.sweep_temporaries()
+    started = time.perf_counter()
+    outcomes = run_grid(list(cells.values()), env, executor, workers,
+                        slurm={"partition": prof.grid.slurm_partition, "gpus": prof.grid.slurm_gpus,
+                               "cpus": prof.grid.slurm_cpus, "timeout_min": prof.grid.slurm_timeout_min})
+    click.echo(format_summary(outcomes, time.perf_counter() - started))
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
+
+
+def format_summary(outcomes, seconds: float) -> str:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "cached", "failed", "skipped")}
+    lines = [f"grid: {len(outcomes)} stages in {seconds:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    by_kind: dict[str, list[float]] = {}
+    for o in outcomes:
+        if o.status == "ran":
+            by_kind.setdefault(o.stage.kind, []).append(o.seconds)
+    for kind, times in by_kind.items():
+        lines.append(f"  ran {len(times):3d} {kind:<8} stages, {sum(times):8.0f} s")
+    for o in outcomes:
+        if o.status == "failed":
+            lines.append(f"  FAILED  {o.stage.label}: {o.error}")
+    skipped = counts["skipped"]
+    if skipped:
+        lines.append(f"  {skipped} stages skipped because an input failed")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["table1", "cost"]))
+@click.option("--profile", default="tiny", show_default=True)
+@click.option("--seed", type=int, default=None, help="rows of this seed (default: the profile's)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="rows computed with these overrides")
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
+@click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
+@click.option("--compare-paper", is_flag=True, help="show the paper's published value beside each cell")
+@click.option("--defenses", default="", help="comma-separated columns (default: the profile's grid + any others found)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write here instead of stdout")
+@friendly_errors
+def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defenses, output):
+    """Render Table I (or the defense cost table) from the results database."""
+    from ..reports import tables
+    overrides = parse_sets(sets)
+    prof = load_profile(profile, overrides)
+    rows = tables.read_evaluations(paths.results_db(), prof.name, prof.seed if seed is None else seed,
+                                   prof.overrides)
+    if name == "cost":
+        text = tables.cost_table(rows).to_markdown(floatfmt=".1f") if fmt == "md" else \
+            tables.cost_table(rows).to_csv(float_format="%.1f") if fmt == "csv" else \
+            tables.cost_table(rows).to_latex(float_format="%.1f")
+    else:
+        columns = _names(defenses) or list(prof.grid.defenses) + sorted(
+            set(rows[rows.role == "defended"].defense) - set(prof.grid.defenses))
+        frame, notes = tables.table1(rows, columns, asr_convention, compare_paper)
+        title = f"Table I, profile {prof.name}, seed {prof.seed}: ACC / ASR (%)"
+        text = tables.render(frame, columns, fmt, notes, title)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
 
 
 @main.command(name="list")

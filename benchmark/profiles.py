@@ -55,6 +55,11 @@ class GridSettings:
     attacks: list[str] = field(default_factory=lambda: ["badencoder", "bassl"])
     defenses: list[str] = field(default_factory=lambda: ["ft", "fp", "nad", "anp", "moth", "decree", "medic", "mimic"])
     pretrain: list[str] = field(default_factory=lambda: ["cifar10", "stl10"])
+    # used by `--executor submitit` on a SLURM cluster
+    slurm_partition: str = ""
+    slurm_gpus: int = 1
+    slurm_cpus: int = 8
+    slurm_timeout_min: int = 24 * 60
 
 
 SECTIONS = {"encoder": EncoderConfig, "pretrain": PretrainSettings, "clean": CleanSettings,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -52,7 +54,7 @@ class ArtifactStore:
         """Yield a temporary folder to fill; on success it becomes the artifact (with meta.json)."""
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir()
         try:
             yield tmp
@@ -67,9 +69,24 @@ class ArtifactStore:
             raise
 
     def sweep_temporaries(self) -> int:
-        """Remove temporary folders left by killed workers; returns how many."""
-        count = 0
+        """Remove temporary folders of killed workers on this host (their PID is gone); returns how many."""
+        count, host = 0, socket.gethostname()
         for tmp in self.root.glob("*/*/.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-            count += 1
+            match = _TMP_NAME.match(tmp.name)
+            if match and match["host"] == host and not _alive(int(match["pid"])):
+                shutil.rmtree(tmp, ignore_errors=True)
+                count += 1
         return count
+
+
+_TMP_NAME = re.compile(r"^\.tmp-(?P<key>[0-9a-f]+)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{6}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,225 @@
+"""The benchmark grid: attack x defense x pre-training set x downstream task.
+
+``expand_grid`` turns a profile (plus optional narrowing) into the evaluate
+stages of every cell; their inputs (pre-training, attacks, defenses) follow
+from the stage DAG, each distinct stage once. ``run_grid`` executes them with
+one of three executors:
+
+- ``local`` with ``workers=1``: in this process;
+- ``local`` with ``workers=N``: a pool of N processes, each pinned to one
+  device (one per GPU when CUDA is present, else CPU with the cores shared);
+- ``submitit``: each ready stage becomes a submitit job (SLURM when ``sbatch``
+  exists, otherwise submitit's local executor); ``submitit-local`` forces
+  the local executor (what the tests use).
+
+In every case a stage is submitted only when its inputs exist, an existing
+artifact is never recomputed, and all workers write to the one SQLite file.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..encoders.runtime import log, progress_enabled
+from .plan import cell_stages, downstream_tasks
+from .profiles import Profile
+from .runner import Outcome, expand, run_one
+from .stages import Env, Stage
+
+
+@dataclass
+class GridSpec:
+    attacks: list[str]
+    defenses: list[str]
+    pretrain: list[str]
+    downstream: list[str] = field(default_factory=list)  # empty: each pre-training set's family
+
+
+def grid_spec(profile: Profile, attacks=(), defenses=(), pretrain=(), downstream=()) -> GridSpec:
+    return GridSpec(list(attacks) or list(profile.grid.attacks), list(defenses) or list(profile.grid.defenses),
+                    list(pretrain) or list(profile.grid.pretrain), list(downstream))
+
+
+def expand_grid(profile: Profile, spec: GridSpec) -> dict[tuple, Stage]:
+    """(attack, defense-or-'undefended'/'clean', pretrain, task) -> its evaluate stage."""
+    cells: dict[tuple, Stage] = {}
+    for pretrain in spec.pretrain:
+        for task in downstream_tasks(pretrain, spec.downstream):
+            for attack in spec.attacks:
+                for defense in spec.defenses or ["none"]:
+                    stages = cell_stages(profile, attack, defense, pretrain, task)
+                    cells[(attack, "clean", pretrain, task)] = stages["clean"]
+                    cells[(attack, "undefended", pretrain, task)] = stages["undefended"]
+                    if "defended" in stages:
+                        cells[(attack, defense, pretrain, task)] = stages["defended"]
+    return cells
+
+
+# ------------------------------------------------------------------ workers
+
+_WORKER_DEVICE: torch.device | None = None
+
+
+def _init_worker(devices, threads: int) -> None:
+    global _WORKER_DEVICE
+    index = devices.get()
+    _WORKER_DEVICE = torch.device(index)
+    torch.set_num_threads(threads)
+    os.environ["DEFBENCH_PROGRESS"] = "0"  # one bar per process would garble the terminal
+
+
+def _run_in_worker(stage: Stage, env: Env) -> Outcome:
+    env = Env(env.store, env.db, env.data_dir, _WORKER_DEVICE or env.device)
+    return _safe_run(stage, env)
+
+
+def _safe_run(stage: Stage, env: Env) -> Outcome:
+    try:
+        return run_one(stage, env)
+    except Exception as err:  # reported in the summary; independent stages go on
+        return Outcome(stage, "failed", error=f"{type(err).__name__}: {err}")
+
+
+def run_stage_job(stage: Stage, env: Env) -> Outcome:
+    """Entry point of a submitit job: one stage, on whatever device the job got."""
+    from ..encoders import pick_device
+    env = Env(env.store, env.db, env.data_dir, pick_device("auto") if env.device.type == "cuda" else env.device)
+    return _safe_run(stage, env)
+
+
+def worker_devices(env: Env, workers: int) -> list[str]:
+    if env.device.type == "cuda":
+        count = torch.cuda.device_count()
+        return [f"cuda:{i % count}" for i in range(workers)]
+    return [str(env.device)] * workers
+
+
+# ------------------------------------------------------------------ scheduling
+
+class _Scheduler:
+    """Submits every stage whose inputs are done; collects outcomes; tracks failures."""
+
+    def __init__(self, stages: list[Stage], show_progress: bool):
+        self.pending = list(expand(stages))
+        self.total = len(self.pending)
+        self.done: dict[str, Outcome] = {}
+        self.bar = tqdm(total=self.total, desc="grid", unit="stage", disable=not show_progress,
+                        dynamic_ncols=True)
+
+    def ready(self) -> list[Stage]:
+        out, still = [], []
+        for stage in self.pending:
+            deps = [self.done.get(d.key) for d in stage.deps]
+            if any(o is not None and o.status in ("failed", "skipped") for o in deps):
+                self.finish(Outcome(stage, "skipped", error="an input stage failed"))
+            elif all(o is not None for o in deps):
+                out.append(stage)
+            else:
+                still.append(stage)
+        self.pending = still
+        return out
+
+    def finish(self, outcome: Outcome) -> None:
+        self.done[outcome.stage.key] = outcome
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{outcome.status} {outcome.stage.label}"[:70])
+        if outcome.status == "failed":
+            log.error("failed: %s: %s", outcome.stage.label, outcome.error)
+
+    def close(self) -> list[Outcome]:
+        self.bar.close()
+        return list(self.done.values())
+
+
+def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: int = 1,
+             show_progress: bool | None = None, submitit_folder: Path | None = None,
+             slurm: dict | None = None) -> list[Outcome]:
+    show = progress_enabled() if show_progress is None else show_progress
+    sched = _Scheduler(stages, show)
+    if executor == "local" and workers <= 1:
+        while sched.pending:
+            for stage in sched.ready():
+                sched.bar.set_description(f"grid: {stage.label}"[:60])
+                sched.finish(_safe_run(stage, env))
+        return sched.close()
+    if executor == "local":
+        _run_pool(sched, env, workers)
+    elif executor in ("submitit", "submitit-local"):
+        _run_submitit(sched, env, workers, executor == "submitit-local",
+                      submitit_folder or env.store.root.parent / "submitit", slurm or {})
+    else:
+        raise ValueError(f"unknown executor {executor!r}; use local, submitit or submitit-local")
+    return sched.close()
+
+
+def _drive(sched: _Scheduler, submit, poll, capacity: int) -> None:
+    """The one scheduling loop: keep ``capacity`` stages running, submit as inputs finish."""
+    running: dict[object, Stage] = {}
+    queue: list[Stage] = []
+    while sched.pending or queue or running:
+        queue += sched.ready()
+        while queue and len(running) < capacity:
+            stage = queue.pop(0)
+            running[submit(stage)] = stage
+        if not running:
+            continue
+        for handle, outcome in poll(list(running)):
+            stage = running.pop(handle)
+            if outcome.stage is None:  # the worker died before it could say which stage
+                outcome = Outcome(stage, outcome.status, error=outcome.error)
+            sched.finish(outcome)
+
+
+def _run_pool(sched: _Scheduler, env: Env, workers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    devices = ctx.Queue()
+    for device in worker_devices(env, workers):
+        devices.put(device)
+    threads = max(1, (os.cpu_count() or 1) // workers) if env.device.type == "cpu" else 2
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(devices, threads)) as pool:
+        def poll(handles: list[Future]):
+            finished, _ = wait(handles, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    yield future, future.result()
+                except Exception as err:  # the worker process died
+                    yield future, Outcome(None, "failed", error=f"worker died: {err}")  # type: ignore[arg-type]
+        _drive(sched, lambda stage: pool.submit(_run_in_worker, stage, env), poll, workers)
+
+
+def _run_submitit(sched: _Scheduler, env: Env, workers: int, force_local: bool, folder: Path,
+                  slurm: dict) -> None:
+    import submitit
+    folder.mkdir(parents=True, exist_ok=True)
+    if force_local:
+        executor = submitit.LocalExecutor(folder=str(folder))
+        executor.update_parameters(timeout_min=slurm.get("timeout_min", 24 * 60))
+    else:
+        executor = submitit.AutoExecutor(folder=str(folder))
+        params = {"timeout_min": slurm.get("timeout_min", 24 * 60)}
+        if executor.cluster == "slurm":
+            params.update({k: v for k, v in (("slurm_partition", slurm.get("partition")),
+                                             ("gpus_per_node", slurm.get("gpus")),
+                                             ("cpus_per_task", slurm.get("cpus"))) if v})
+        executor.update_parameters(**params)
+
+    def poll(handles):
+        while True:
+            finished = [job for job in handles if job.done()]
+            if finished:
+                break
+            time.sleep(0.5)
+        for job in finished:
+            try:
+                yield job, job.result()
+            except Exception as err:
+                yield job, Outcome(None, "failed", error=f"job {job.job_id} failed: {str(err)[-300:]}")  # type: ignore[arg-type]
+    _drive(sched, lambda stage: executor.submit(run_stage_job, stage, env), poll, workers)

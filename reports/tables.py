@@ -1,0 +1,160 @@
+"""Table I and the cost table, rendered from the results database alone.
+
+A cell's number is the newest ``evaluations`` row with the cell's labels
+(profile, seed, --set overrides, attack, defense/role, pre-training set,
+task); a cell without a row is shown as missing ("—"), never filled in.
+Averages are over the cells present; an average that misses cells is marked
+with a dagger and says how many it used.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+ASR_COLUMNS = {"all": "asr_all", "exclude-target": "asr_excl"}
+ASR_NOTE = {"all": "ASR over every trigger-stamped test image (the papers' convention)",
+            "exclude-target": "ASR over trigger-stamped test images outside the target class (stricter)"}
+MISSING = "—"
+
+
+class ReportError(ValueError):
+    """Results that are missing or partial; the message says which and how to produce them."""
+
+
+def read_evaluations(db_path: str | Path, profile: str, seed: int | None = None,
+                     overrides: dict | None = None) -> pd.DataFrame:
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise ReportError(f"no results database at {db_path}; run `defbench grid --profile {profile}` first")
+    with sqlite3.connect(db_path) as con:
+        rows = pd.read_sql_query("SELECT * FROM evaluations WHERE profile = ?", con, params=[profile])
+    if seed is not None:
+        rows = rows[rows.seed == seed]
+    wanted = json.dumps(dict(sorted((overrides or {}).items())), sort_keys=True)
+    rows = rows[rows.overrides.fillna("{}") == wanted]
+    return rows.sort_values("created_at").drop_duplicates(
+        ["attack", "defense", "role", "pretrain", "downstream"], keep="last")
+
+
+def paper_table() -> pd.DataFrame:
+    path = resources.files("defbench.benchmark") / "data" / "paper_table1.csv"
+    return pd.read_csv(path.open())
+
+
+def _paper_name(dataset: str) -> str:
+    return dataset.removeprefix("synth-")
+
+
+def table1(rows: pd.DataFrame, defenses: list[str], convention: str = "all",
+           compare_paper: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Wide table: one row per (attack, pretrain, downstream) + an Average row per attack.
+
+    Columns: (column, metric) with column in Undefended + defenses and metric in ACC/ASR
+    (+ paper ACC/ASR when ``compare_paper``). Returns the table and the notes to print under it.
+    """
+    asr = ASR_COLUMNS[convention]
+    columns = ["undefended", *defenses]
+    paper = paper_table().set_index(["attack", "pretrain", "downstream", "defense"]) if compare_paper else None
+    records = []
+    for (attack, pretrain, task), group in rows[rows.role != "clean"].groupby(["attack", "pretrain", "downstream"],
+                                                                           sort=False):
+        record = {("attack", ""): attack, ("pretrain", ""): pretrain, ("downstream", ""): task}
+        for column in columns:
+            hit = group[group.role == "undefended"] if column == "undefended" else \
+                group[(group.role == "defended") & (group.defense == column)]
+            record[(column, "ACC")] = hit.acc.iloc[0] if len(hit) else None
+            record[(column, "ASR")] = hit[asr].iloc[0] if len(hit) else None
+            if paper is not None:
+                key = (attack, _paper_name(pretrain), _paper_name(task), column)
+                found = key in paper.index
+                record[(column, "paper ACC")] = paper.loc[key, "acc"] if found else None
+                record[(column, "paper ASR")] = paper.loc[key, "asr"] if found else None
+        records.append(record)
+    if not records:
+        raise ReportError("no evaluations for this profile/seed/overrides in the results database")
+    table = pd.DataFrame.from_records(records)
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    table = table.sort_values([("attack", ""), ("pretrain", ""), ("downstream", "")]).reset_index(drop=True)
+    notes = [ASR_NOTE[convention] + "; all numbers in %."]
+    out = []
+    for attack, group in table.groupby(("attack", ""), sort=False):
+        out.append(group)
+        average = {("attack", ""): attack, ("pretrain", ""): "Average", ("downstream", ""): ""}
+        incomplete = False
+        for col in group.columns[3:]:
+            present = group[col].dropna()
+            average[col] = present.mean() if len(present) else None
+            incomplete |= 0 < len(present) < len(group)
+        if incomplete:
+            average[("downstream", "")] = "†"
+            notes.append(f"† {attack}: the average of a column uses only the cells present in it.")
+        out.append(pd.DataFrame([average], columns=group.columns))
+    if compare_paper:
+        notes.append("paper = the MIMIC paper's Table I (real CIFAR-10/STL-10/GTSRB/SVHN); synthetic "
+                     "stand-ins are compared with the dataset they stand in for.")
+    return pd.concat(out, ignore_index=True), notes
+
+
+def _best(row: pd.Series, defenses: list[str]) -> tuple[str | None, str | None]:
+    accs = {d: row[(d, "ACC")] for d in defenses if pd.notna(row[(d, "ACC")])}
+    asrs = {d: row[(d, "ASR")] for d in defenses if pd.notna(row[(d, "ASR")])}
+    return (max(accs, key=accs.get) if accs else None, min(asrs, key=asrs.get) if asrs else None)
+
+
+def _cells(table: pd.DataFrame, defenses: list[str], bold) -> tuple[list[str], list[list[str]]]:
+    metric_cols = [c for c in table.columns[3:]]
+    headers = ["attack", "pre-train → downstream"] + [f"{c[0]} {c[1]}" for c in metric_cols]
+    body = []
+    for _, row in table.iterrows():
+        best_acc, best_asr = _best(row, defenses)
+        where = row[("pretrain", "")] if row[("pretrain", "")] == "Average" else \
+            f"{row[('pretrain', '')]} → {row[('downstream', '')]}"
+        if row[("pretrain", "")] == "Average" and row[("downstream", "")]:
+            where += " " + row[("downstream", "")]
+        cells = [row[("attack", "")], where]
+        for col in metric_cols:
+            value = row[col]
+            text = MISSING if pd.isna(value) else f"{value:.2f}"
+            if (col == (best_acc, "ACC") or col == (best_asr, "ASR")) and not pd.isna(value):
+                text = bold(text)
+            cells.append(text)
+        body.append(cells)
+    return headers, body
+
+
+def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str], title: str) -> str:
+    from tabulate import tabulate
+    if fmt == "csv":
+        flat = table.copy()
+        flat.columns = ["_".join(x for x in c if x).replace(" ", "_").lower() for c in table.columns]
+        return flat.to_csv(index=False, float_format="%.2f")
+    if fmt == "md":
+        headers, body = _cells(table, defenses, lambda t: f"**{t}**")
+        text = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+        return f"### {title}\n\n{text}\n\n" + "\n".join(f"- {n}" for n in notes) + \
+            "\n- Bold: best ACC and lowest ASR among the defenses (Undefended excluded).\n"
+    if fmt == "latex":
+        headers, body = _cells(table, defenses, lambda t: f"\\textbf{{{t}}}")
+        escape = lambda s: s.replace("→", "$\\rightarrow$").replace("_", "\\_").replace("%", "\\%")  # noqa: E731
+        lines = ["\\begin{table}", "\\centering", f"\\caption{{{escape(title)}}}", "\\small",
+                 "\\begin{tabular}{ll" + "r" * (len(headers) - 2) + "}", "\\toprule",
+                 " & ".join(escape(h) for h in headers) + " \\\\", "\\midrule"]
+        lines += [" & ".join(escape(c) for c in row) + " \\\\" for row in body]
+        lines += ["\\bottomrule", "\\end{tabular}", "\\\\[2pt]".join([""] + [escape(n) for n in notes]),
+                  "\\end{table}"]
+        return "\n".join(lines) + "\n"
+    raise ReportError(f"unknown format {fmt!r}; use md, latex or csv")
+
+
+def cost_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Wall time of each defense per cell (seconds), from the defended rows."""
+    defended = rows[rows.role == "defended"].drop_duplicates("encoder_key")
+    if defended.empty:
+        raise ReportError("no defended evaluations for this profile in the results database")
+    cost = defended.groupby("defense").encoder_seconds.agg(["count", "mean", "median", "min", "max"])
+    return cost.rename(columns={"count": "cells", "mean": "mean s", "median": "median s", "min": "min s",
+                                "max": "max s"}).sort_values("mean s")

@@ -1,0 +1,89 @@
+"""The grid: resumable after SIGKILL, the same table from every executor."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# A grid small enough to run several times in a test: every stage takes seconds.
+MICRO = ["encoder.width=8", "encoder.channels_last=false", "pretrain.epochs=1", "pretrain.max_images=256",
+         "pretrain.batch_size=64", "attack.badencoder.epochs=1", "attack.badencoder.shadow_images=128",
+         "attack.badencoder.batch_size=64", "defense.ft.epochs=1", "defense.ft.batch_size=64",
+         "clean.max_images=128", "evaluate.epochs=2", "evaluate.max_train=300", "evaluate.max_test=200"]
+GRID = ["--profile", "ci", "--attacks", "badencoder", "--defenses", "ft,fp", "--pretrain", "synth-cifar10",
+        "--downstream", "synth-stl10,synth-svhn"]
+
+
+def _cli(home: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEFBENCH_HOME": str(home), "DEFBENCH_PROGRESS": "0"}
+    sets = [x for s in MICRO for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "defbench.benchmark.cli", *args]
+    if args[0] == "grid":
+        cmd += sets
+    elif args[0] == "table":
+        cmd = [sys.executable, "-m", "defbench.benchmark.cli", *args, *sets]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def _table(home: Path) -> str:
+    proc = _cli(home, "table", "table1", "--profile", "ci", "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _finished(home: Path) -> dict[str, float]:
+    return {str(p.parent): p.stat().st_mtime_ns for p in (home / "artifacts").glob("*/*/*/meta.json")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    home = tmp_path_factory.mktemp("uninterrupted")
+    proc = _cli(home, "grid", *GRID)
+    assert proc.returncode == 0, proc.stderr
+    return home, _table(home)
+
+
+def test_grid_summary_and_cached_rerun(reference):
+    home, table = reference
+    assert "synth-stl10" in table and "ft_acc" in table
+    again = _cli(home, "grid", *GRID)
+    assert again.returncode == 0 and " 0 ran" in again.stdout and "0 failed" in again.stdout, again.stdout
+
+
+def test_sigkill_mid_stage_then_resume(reference, tmp_path):
+    _, expected = reference
+    home = tmp_path / "home"
+    env = {**os.environ, "DEFBENCH_HOME": str(home), "DEFBENCH_PROGRESS": "0"}
+    sets = [x for s in MICRO for x in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "defbench.benchmark.cli", "grid", *GRID, *sets], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait until at least one stage is finished and another is being written, then kill -9
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if _finished(home) and list((home / "artifacts").glob("*/*/.tmp-*")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the grid finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _finished(home)
+    assert before and list((home / "artifacts").glob("*/*/.tmp-*")), "expected a half-written stage"
+
+    resumed = _cli(home, "grid", *GRID)
+    assert resumed.returncode == 0, resumed.stderr
+    after = _finished(home)
+    assert all(after[path] == mtime for path, mtime in before.items()), "a completed stage was recomputed"
+    assert not list((home / "artifacts").glob("*/*/.tmp-*")), "the killed stage's temporary folder remains"
+    assert _table(home) == expected
+
+
+def test_submitit_local_executor_with_two_workers_matches(reference, tmp_path):
+    _, expected = reference
+    home = tmp_path / "home"
+    proc = _cli(home, "grid", *GRID, "--executor", "submitit-local", "--workers", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _table(home) == expected
+    assert list((home / "submitit").glob("*_result.pkl")) or list((home / "submitit").iterdir())
