@@ -1,0 +1,35 @@
+"""Same config, same seed, same device: bit-identical results (CPU)."""
+import json
+
+import torch
+
+from defbench.benchmark.plan import cell_stages
+from defbench.benchmark.profiles import load_profile, parse_sets
+from defbench.benchmark.results import ResultsDB
+from defbench.benchmark.runner import execute
+from defbench.benchmark.stages import Env
+from defbench.benchmark.store import ArtifactStore
+
+from test_grid import MICRO
+
+
+def _run_cell(home):
+    env = Env(ArtifactStore(home / "artifacts"), ResultsDB(home / "r.sqlite"), home / "data", torch.device("cpu"))
+    profile = load_profile("ci", parse_sets(MICRO))
+    stages = cell_stages(profile, "badencoder", "ft", "synth-cifar10", "synth-svhn")
+    outcomes = execute(list(stages.values()), env, show_progress=False)
+    assert all(o.status == "ran" for o in outcomes), [(o.stage.label, o.error) for o in outcomes]
+    metrics = {role: json.loads((env.store.path("evaluate", s.key) / "metrics.json").read_text())
+               for role, s in stages.items()}
+    defended = stages["defended"].deps[0]
+    weights = torch.load(env.store.path("defend", defended.key) / "encoder.pt", weights_only=True)["state_dict"]
+    return metrics, weights
+
+
+def test_one_full_cell_is_bit_identical_across_runs(tmp_path):
+    first_metrics, first_weights = _run_cell(tmp_path / "a")
+    second_metrics, second_weights = _run_cell(tmp_path / "b")
+    assert first_metrics == second_metrics
+    assert first_weights.keys() == second_weights.keys()
+    for name in first_weights:
+        assert torch.equal(first_weights[name], second_weights[name]), name
