@@ -53,7 +53,7 @@ def badencoder_loss(model, clean, x, x_triggered, refs, refs_aug, lambda1, lambd
 @register_attack("badencoder", config=BadEncoderConfig, needs_clean_encoder=True,
                  summary="model poisoning: fine-tune the clean encoder so triggered inputs embed like the target",
                  profiles={"tiny": {"epochs": 6, "lr": 0.01, "shadow_images": 5000, "n_reference": 10},
-                           "ci": {"epochs": 5, "lr": 0.01, "shadow_images": 1000, "batch_size": 128, "n_reference": 10}})
+                           "ci": {"epochs": 5, "lr": 0.01, "shadow_images": 1000, "batch_size": 64, "n_reference": 10}})
 def badencoder(inputs: AttackInputs, cfg: BadEncoderConfig, ctx):
     model = inputs.clean_encoder.clone().to(ctx.device)
     clean = frozen_copy(model)

@@ -16,10 +16,24 @@ def _metrics(env: Env, stage) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _seconds(env: Env, stage) -> float | None:
-    if not env.store.exists(stage.kind, stage.key):
-        return None
-    return env.store.read_meta(stage.kind, stage.key).get("seconds")
+def _meta(env: Env, stage) -> dict:
+    return env.store.read_meta(stage.kind, stage.key) if env.store.exists(stage.kind, stage.key) else {}
+
+
+def _small(records: dict) -> dict:
+    """The records worth printing: scalars and small dicts of scalars (MI per layer, a score)."""
+    def scalar(v):
+        return isinstance(v, (int, float, str, bool))
+    return {k: v for k, v in records.items()
+            if scalar(v) or (isinstance(v, dict) and len(v) <= 8 and all(scalar(x) for x in v.values()))}
+
+
+def _fmt_record(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_fmt_record(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: str,
@@ -27,7 +41,8 @@ def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: st
     tasks = downstream_tasks(pretrain, downstream)
     per_task = {task: cell_stages(profile, attack, defense, pretrain, task) for task in tasks}
     outcomes = execute([s for stages in per_task.values() for s in stages.values()], env)
-    elapsed = {o.stage.key: o.seconds for o in outcomes}
+    elapsed = {o.stage.key: o.seconds for o in outcomes if o.status == "ran"}
+    charged: set[str] = set()  # a stage shared by several tasks is charged to the first
     results = []
     for task, stages in per_task.items():
         row = {"attack": attack, "defense": defense, "pretrain": pretrain, "downstream": task,
@@ -43,10 +58,11 @@ def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: st
                 row[metric] = row[f"{metric}_undefended"]
         defended = stages.get("defended")
         defend_stage = defended.deps[0] if defended else None
-        row["defense_seconds"] = _seconds(env, defend_stage) if defend_stage else 0.0
-        # wall time this invocation spent on the task's stages (0 when all cached)
-        row["seconds"] = round(sum(elapsed.get(s.key, 0.0) for st in stages.values()
-                                   for s in [st, *_ancestors(st)]), 2)
+        row["defense_seconds"] = _meta(env, defend_stage).get("seconds") if defend_stage else 0.0
+        row["defense_records"] = _small(_meta(env, defend_stage).get("records", {})) if defend_stage else {}
+        mine = {s.key for st in stages.values() for s in [st, *_ancestors(st)]} - charged
+        charged |= mine
+        row["seconds"] = round(sum(elapsed.get(key, 0.0) for key in mine), 2)  # 0 when all was cached
         results.append(row)
     return results, outcomes
 
@@ -75,4 +91,7 @@ def format_cell_table(results: list[dict], profile: Profile, attack: str, defens
     note = ("ACC: clean test accuracy (%). ASR: trigger-stamped test images classified as the target (%), "
             "all test images stamped (the papers' convention; the target-excluded ASR is in --json). "
             "clean = the unattacked encoder, for reference.")
-    return f"{title}\n{tabulate(rows, headers=headers, tablefmt='github')}\n{note}"
+    records = [f"  {r['downstream']}: " + "; ".join(f"{k} = {_fmt_record(v)}" for k, v in r["defense_records"].items())
+               for r in results if r.get("defense_records")]
+    extra = f"\n{defense} recorded:\n" + "\n".join(records) if records else ""
+    return f"{title}\n{tabulate(rows, headers=headers, tablefmt='github')}\n{note}{extra}"

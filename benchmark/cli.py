@@ -235,3 +235,5 @@ def list_(what):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+from .detect import detect  # noqa: E402
+main.add_command(detect)

@@ -62,6 +62,10 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str) 
     cfg = profile.defense_config(defense)
     clean = {"dataset": pretrain, "fraction": profile.clean.fraction, "max_images": profile.clean.max_images,
              "image_size": profile.encoder.image_size, "seed": profile.seed}
+    if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
+        if encoder.kind != "attack":
+            raise ValueError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
+        clean.update(poison_ratio=profile.clean.poison_ratio, trigger=encoder.spec["trigger"])
     spec = {"defense": defense, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
     where = encoder.labels.get("label", encoder.name)
     return Stage("defend", defense, spec, (encoder,), _labels(profile, label=f"{defense} on {where}"))
@@ -73,6 +77,20 @@ def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: d
             "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
     label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
     return Stage("evaluate", downstream, spec, (encoder,), _labels(profile, label=label, **labels))
+
+
+def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: str,
+                         downstream: str) -> dict[str, Stage]:
+    """A defense applied to the CLEAN encoder (Table III): evaluations before and after."""
+    trigger_source = attack_stage(profile, attack, pretrain, downstream)  # planned for its trigger, not run
+    trigger, target = trigger_source.spec["trigger"], trigger_source.spec["target"]
+    clean = pretrain_stage(profile, pretrain)
+    common = {"attack": attack, "pretrain": pretrain}
+    return {
+        "clean": evaluate_stage(profile, clean, downstream, trigger, target, role="clean", defense="none", **common),
+        "defended": evaluate_stage(profile, defend_stage(profile, defense, clean, pretrain), downstream, trigger,
+                                   target, role="clean-defended", defense=defense, **common),
+    }
 
 
 def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, downstream: str) -> dict[str, Stage]:

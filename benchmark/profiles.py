@@ -36,6 +36,7 @@ class PretrainSettings(SimCLRConfig):
 class CleanSettings:
     fraction: float = 0.04  # of the pre-training set's training images
     max_images: int = 0  # 0: no cap
+    poison_ratio: float = 0.0  # share of the clean set stamped with the attack's trigger (robustness study)
 
 
 @dataclass

@@ -88,6 +88,8 @@ class Stage:
             return code_version(ATTACKS.get(self.name).module)
         if self.kind == "defend":
             return code_version(DEFENSES.get(self.name).module)
+        if self.kind == "measure":
+            return code_version(MEASURES[self.name].__module__)
         return code_version("defbench.benchmark.evaluate")
 
     @cached_property
@@ -137,7 +139,12 @@ def clean_subset(env: Env, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
         n = min(n, spec["max_images"])
     gen = torch.Generator().manual_seed(_name_seed(f"clean/{spec['dataset']}", spec["seed"]))
     index = torch.randperm(len(data), generator=gen)[:n].sort().values
-    return data.images[index], index
+    images = data.images[index]
+    if spec.get("poison_ratio"):  # robustness study: a share of the "clean" set carries the trigger
+        poisoned = torch.randperm(n, generator=gen)[:round(spec["poison_ratio"] * n)]
+        images = images.clone()
+        images[poisoned] = trigger_from_description(spec["trigger"]).apply(images[poisoned])
+    return images, index
 
 
 def load_stage_encoder(env: Env, stage: Stage) -> Encoder:
@@ -224,7 +231,29 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     return metrics
 
 
-RUNNERS = {"pretrain": _run_pretrain, "attack": _run_attack, "defend": _run_defend, "evaluate": _run_evaluate}
+# Measurements: analysis stages for the studies (e.g. MI per layer of an encoder). A measure is a
+# function (stage, env, ctx, out) -> JSON-able dict registered under a name; its stage is
+# Stage("measure", name, spec, deps) and is cached like any other.
+MEASURES: dict[str, object] = {}
+
+
+def register_measure(name: str):
+    def decorate(fn):
+        MEASURES[name] = fn
+        return fn
+    return decorate
+
+
+def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    if stage.name not in MEASURES:
+        raise ValueError(f"unknown measurement {stage.name!r}; known: {sorted(MEASURES)}")
+    result = MEASURES[stage.name](stage, env, ctx, out)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+RUNNERS = {"pretrain": _run_pretrain, "attack": _run_attack, "defend": _run_defend, "evaluate": _run_evaluate,
+           "measure": _run_measure}
 
 
 def run_stage(stage: Stage, env: Env) -> dict:

@@ -155,3 +155,25 @@ def test_list_shows_registered_components():
     out = CliRunner().invoke(main, ["list", "defenses"]).output
     assert "ft " in out and "fine-tune" in out
     assert "synth-gtsrb" in CliRunner().invoke(main, ["list", "datasets"]).output
+
+
+def test_poison_ratio_stamps_that_share_of_the_defenders_clean_set(ci_env, ci_stages):
+    from defbench.benchmark.plan import defend_stage
+    from defbench.benchmark.profiles import load_profile, parse_sets
+    from defbench.benchmark.stages import clean_subset
+    profile = load_profile("ci", parse_sets(["clean.poison_ratio=0.25"]))
+    stage = defend_stage(profile, "ft", ci_stages[1], PRETRAIN)
+    images, _ = clean_subset(ci_env, stage.spec["clean"])
+    clean, _ = clean_subset(ci_env, {**stage.spec["clean"], "poison_ratio": 0.0})
+    patched = (images[:, :, 21:31, 21:31] == 255).flatten(1).all(1)
+    assert patched.sum() == round(0.25 * len(images))
+    assert torch.equal(images[~patched], clean[~patched])
+    assert stage.key != defend_stage(load_profile("ci"), "ft", ci_stages[1], PRETRAIN).key
+
+
+def test_defenses_can_be_applied_to_the_clean_encoder(ci_profile):
+    from defbench.benchmark.plan import clean_encoder_stages
+    stages = clean_encoder_stages(ci_profile, "badencoder", "ft", PRETRAIN, TASK)
+    defended = stages["defended"]
+    assert defended.labels["role"] == "clean-defended"
+    assert defended.deps[0].kind == "defend" and defended.deps[0].deps[0].kind == "pretrain"

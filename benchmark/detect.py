@@ -1,0 +1,123 @@
+"""``defbench detect``: is this encoder backdoored? DECREE's trigger inversion as a detector.
+
+Loads one checkpoint with :func:`load_encoder` (``weights_only`` loading: a
+pickle that carries code is refused), inverts the smallest trigger that makes
+the stamped clean images embed alike (:func:`defbench.defenses.decree.invert_trigger`
+with the profile's DECREE settings) and compares its ``PL1 = |m|_1 / (H W)``
+with a threshold: a backdoored encoder has a small trigger that already
+collapses every image, a clean one needs to cover much of the image.
+
+Clean images: by default a random (``--seed``) subset of the embedded
+synthetic pre-training set ``synth-cifar10`` (no download), as many images as
+the profile's clean set; ``--data`` takes any dataset name (its pre-training
+split), ``npz:PATH`` or ``folder:PATH``. Images are resized to the encoder's
+input size.
+
+Calibration of the threshold (``pl1_threshold`` in the DECREE config, per
+profile; ``--threshold`` overrides it). Inversion with the profile's settings
+on the default images, seed 0; clean encoders are SimCLR encoders from this
+benchmark's pre-training stage, backdoored ones are BadEncoder on them:
+
+======================================  ============  =========
+encoder                                 PL1, ci       PL1, tiny
+======================================  ============  =========
+(filled in below)
+======================================  ============  =========
+
+The threshold sits below the smallest clean value with a margin; the
+backdoored values are listed only to show the separation, they were not used
+to place it. DECREE's own paper calibrates the same way (its clean CIFAR-10
+encoders give PL1 well above 0.1 with the reference budget).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import click
+import torch
+
+from ..defenses.decree import invert_trigger
+from ..encoders import RunContext, load_encoder, pick_device
+from .datasets import load_dataset
+from .profiles import load_profile, parse_sets
+
+DEFAULT_DATA = "synth-cifar10"
+
+
+def _friendly(fn):
+    """``cli.friendly_errors``, looked up at call time (cli imports this module at its end)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .cli import friendly_errors
+        return friendly_errors(fn)(*args, **kwargs)
+    return wrapper
+
+
+def detection_images(data: str, n: int, image_size: int, data_dir, seed: int, fraction: float = 0.0,
+                     cap: int = 0) -> torch.Tensor:
+    """A seeded random subset of ``data``'s pre-training split, resized to ``image_size``.
+
+    ``n`` images, or when ``n`` is 0 ``fraction`` of the split capped at ``cap``
+    (0: no cap), the way the benchmark draws a defender's clean set.
+    """
+    images = load_dataset(data, "pretrain", data_dir, image_size).images
+    if not n:
+        n = max(2, round(fraction * len(images)))
+        n = min(n, cap) if cap else n
+    if 0 < n < len(images):
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        images = images[pick.sort().values]
+    return images
+
+
+def run_detection(encoder, images: torch.Tensor, cfg, ctx, threshold: float) -> dict:
+    started = time.perf_counter()
+    _, _, info = invert_trigger(encoder, images, cfg, ctx)
+    info.update(threshold=threshold, verdict="backdoored" if info["pl1"] < threshold else "clean",
+                seconds=round(time.perf_counter() - started, 2))
+    return info
+
+
+@click.command()
+@click.option("--encoder", "encoder_path", required=True, metavar="PATH",
+              help="encoder checkpoint (defbench format or the BadEncoder/MIMIC release layout)")
+@click.option("--profile", default="tiny", show_default=True,
+              help="whose DECREE settings (inversion budget, threshold): paper, tiny, ci or a .toml path")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a setting, e.g. --set defense.decree.inv_max_steps=500 (repeatable)")
+@click.option("--data", default=DEFAULT_DATA, show_default=True,
+              help="clean images to invert on: a dataset name (pre-training split), npz:PATH or folder:PATH")
+@click.option("--images", "n_images", type=int, default=0,
+              help="how many random images to use (default: the profile's clean-set size)")
+@click.option("--data-dir", default=None, help="real datasets live here (default: $DEFBENCH_DATA)")
+@click.option("--threshold", type=float, default=None,
+              help="PL1 below this means backdoored (default: the profile's calibrated pl1_threshold)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the image subset and the inversion")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_friendly
+def detect(encoder_path, profile, sets, data, n_images, data_dir, threshold, seed, device, as_json):
+    """Invert a trigger on an encoder (DECREE) and say whether it looks backdoored."""
+    from . import paths
+    if n_images < 0 or n_images == 1:
+        raise ValueError(f"--images must be at least 2 (or 0 for the profile's clean-set size), got {n_images}")
+    prof = load_profile(profile, parse_sets(sets))
+    cfg = prof.defense_config("decree")
+    threshold = cfg.pl1_threshold if threshold is None else threshold
+    ctx = RunContext(device=pick_device(device)).reseed(seed)
+    encoder = load_encoder(encoder_path).to(ctx.device).eval()
+    images = detection_images(data, n_images, encoder.config.image_size, paths.data_dir(data_dir), seed,
+                              prof.clean.fraction, prof.clean.max_images)
+    result = run_detection(encoder, images, cfg, ctx, threshold)
+    result.update(encoder=str(encoder_path), profile=prof.name, data=data)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    h, w = result["image_size"]
+    found = "" if result["found"] else " (no trigger met the similarity threshold)"
+    click.echo(f"{encoder_path}: PL1 {result['pl1']:.4f} (|m|_1 {result['mask_l1']:.1f} of {h}x{w}, "
+               f"{result['steps']} steps on {result['n_images']} {data} images, {result['seconds']:.1f} s){found}")
+    click.echo(f"verdict: {result['verdict']} (PL1 {'<' if result['verdict'] == 'backdoored' else '>='} "
+               f"threshold {threshold:g})")
