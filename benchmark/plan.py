@@ -19,6 +19,7 @@ def downstream_tasks(pretrain: str, requested: list[str] | tuple[str, ...] = ())
     if requested:
         return list(requested)
     if pretrain not in FAMILIES:
+        get_spec(pretrain)  # an unknown name gets the registry's "unknown dataset" message first
         raise ValueError(f"no default downstream tasks for pre-training set {pretrain!r}; "
                          "name them with --downstream")
     return [task for task, _ in FAMILIES[pretrain]]

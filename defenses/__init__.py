@@ -1,5 +1,15 @@
-"""Defenses: the registry, the contract and one module per defense."""
-from . import ft, none  # noqa: F401  (registers the built-in defenses)
+"""Defenses: the registry, the contract and one module per defense.
+
+Every module in this package is imported on first use, so a new defense only
+needs a file here with a ``@register_defense`` class; third-party packages
+register through the ``defbench.defenses`` entry-point group instead.
+"""
+import importlib
+import pkgutil
+
 from .base import DEFENSES, CleanData, get_defense, register_defense
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["DEFENSES", "CleanData", "get_defense", "register_defense"]

@@ -1,0 +1,327 @@
+"""MIMIC (the seed paper): mutual-information-guided distillation into a fresh student.
+
+Three steps, on the defender's clean set only:
+
+1. **Benign-knowledge localisation.** For each stage ``l`` (layer1..layer4) a
+   MINE statistics network (``defenses/mine.py``) estimates the
+   Donsker-Varadhan lower bound of ``I(f_l(x); f(x))`` between the stage
+   output and the final (L2-normalised) feature, over the clean images under
+   the test transform. ``MI_l`` = mean of the last ``mi_last`` epochs'
+   estimates, negative/NaN -> 0.
+2. **Weight scheduler**, once before distillation:
+   ``beta_l = alpha0 + alpha1 * MI_l / sum_k MI_k`` (if every ``MI_l`` is 0 the
+   shares are uniform, ``1/L``).
+3. **Distillation** into ``encoder.empty_like()`` (same architecture, random
+   init, same device), the suspect encoder as frozen teacher (eval mode,
+   ``requires_grad`` off, forward under ``torch.no_grad``):
+   ``L = lambda0*L0 + lambda1*L1 + lambda2*sum_l beta_l*AT_l`` with
+   ``L0 = -mean cos(f_S(v1), f_T(v1))`` (clone),
+   ``L1 = NT-Xent(g_S(v1), g_S(v2))`` (temperature 0.5) and
+   ``AT_l`` = NAD's attention loss (p = 2) between student and teacher stage
+   outputs (``defenses/losses.py``).
+
+Reference defaults (the dataclass defaults): MINE per layer MLP 512-512-1 on
+the concatenation of the *flattened* stage output and the 512-d feature, Adam
+lr 1e-3, wd 1e-5, batch 128, 200 epochs, mean of the last 10; alpha0 = 1000,
+alpha1 = 10000; lambda0 = lambda1 = lambda2 = 1 (the authors' code adds the
+contrastive loss, the clone loss x1 and the beta-weighted attention losses
+unscaled); distillation Adam lr 1e-2 (the authors' README command; their
+argparse default is 1e-3: pass ``lr=1e-3`` for that), wd 1e-6, batch 128,
+1000 epochs, no schedule.
+
+**Which encoder the MI is measured on.** The paper estimates the MI on the
+suspect teacher (``mi_source="teacher"``, the default here). The authors'
+released code calls the estimator on the randomly initialised student before
+distillation; ``mi_source="student"`` reproduces that.
+
+**Adaptation / choices made here.**
+
+- *Inputs of the clone and attention terms*: the first augmented view ``v1``,
+  as in the authors' code (``distill_input="view"``). The student's two views
+  go through one concatenated forward pass and the teacher runs once on
+  ``v1``, so a step costs exactly the unavoidable work (student forward +
+  backward on both views, one teacher forward without gradients).
+  ``distill_input="clean"`` uses the un-augmented image instead (teacher on
+  ``x``; the student then runs on ``[x, v1, v2]``, 1.5x its work).
+- *Faster MI variants*: the cost of MINE is dominated by T's first layer
+  (flattened input x hidden). ``mi_hidden`` narrows T (the tiny/ci profiles
+  use 128 on the flattened input, ~5x cheaper than 512); ``mi_pool = k > 0``
+  average-pools each stage output to ``k x k`` before flattening (layer1 of
+  the paper's encoder: 65,536 -> 64*k*k inputs). Measured on the BadEncoder
+  teachers (100 MINE epochs): the flattened reference gives MI rising with
+  depth -- tiny (1,000 images) 0.66 < 0.67 < 1.09 < 1.63, ci (400 images,
+  2 seeds) 0.04-0.08 < 0.28-0.36 < 0.52-0.59 ~ 0.53-0.68; hidden 128 keeps
+  that order (tiny 0.62 < 0.93 < 1.53 < 1.78, ~5x cheaper); pooling to 4x4
+  *reverses* it (tiny 2.58 > 2.26 > 2.14 > 1.63; 8x8 likewise on ci), so
+  ``mi_pool`` is offered but is not a default anywhere. The estimates are
+  estimator-limited (the true I(f_l; f) cannot fall with depth, and pooling
+  can only lower it), so the variant changes beta; between seeds the tiny
+  estimates move by about +-0.25.
+- *Uniform ablation* (``use_mi=False``): ``beta_l = alpha0 + alpha1 / L`` --
+  the same total weight as the MI schedule, spread evenly, so the ablation
+  changes only where the attention weight goes. No MI is estimated.
+- Stage outputs are extracted once for the whole clean set (one forward pass
+  per batch gives every stage); MINE then trains on the cached tensors.
+
+**Scale of the terms and the tiny/ci profiles.** ``AT_l`` is a mean over the
+H*W positions of unit-norm maps, so layer4 (4x4) contributes far more per unit
+of beta than layer1 (32x32); with beta in the thousands the weighted attention
+sum starts near 70-150 against ~5.4 for NT-Xent and ~-0.7 for the clone term,
+and it dominates the gradient for the whole of a short run (tiny, 280 steps:
+L2 73 -> 8, L1 5.4 -> 4.4, L0 -0.69 -> -0.71). The paper runs ~16,000 steps,
+long enough for the attention term to shrink. The profiles keep the paper's
+loss weights and only shorten the run: tiny 40 epochs (~280 steps on 1,000
+images), MINE 50 epochs with ``mi_hidden=128``; ci 4 epochs, MINE 10 epochs.
+Both use Adam lr 1e-3, chosen by a label-free criterion: at these budgets it
+ends with a lower distillation objective on the clean set than 1e-2 (tiny:
+L0+L1+L2 11.4 vs 12.5; ci: every term lower).
+
+**Deviations from the authors' code** (none changes the method):
+
+- every stage output of a network comes from one forward pass (the reference
+  runs the student three times per step and registers new hooks per batch);
+- the two student views share one forward pass, so the student's BatchNorm
+  statistics are over 2B images (the reference: B per view) -- as in this
+  project's SimCLR;
+- MINE: logsumexp instead of ``log(mean(exp))``, shuffled batch order, the
+  clip to 0 on the final estimate rather than per batch (``defenses/mine.py``);
+- the MI estimation runs in a forked RNG, so the student's initialisation and
+  the distillation's augmentations are the same with or without it (the
+  ablation variants differ only by beta).
+
+Records: ``mi`` and ``beta`` ({layer: value}), ``mi_raw`` (before clipping),
+``loss_history`` (per epoch ``[L0, L1, L2]``, unweighted L0/L1 and the
+beta-weighted attention sum), ``seconds`` (MI estimation and distillation).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..encoders import Encoder, RunContext, frozen_copy, to_float
+from ..encoders.augment import SimCLRAugment
+from .base import CleanData, register_defense
+from .losses import attention_loss, nt_xent
+from .mine import MINEConfig, estimate_mi
+
+
+@dataclass
+class MIMICConfig:
+    # distillation
+    epochs: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-2
+    weight_decay: float = 1e-6
+    temperature: float = 0.5
+    lambda0: float = 1.0  # clone (L0)
+    lambda1: float = 1.0  # contrastive (L1)
+    lambda2: float = 1.0  # attention (L2), multiplies the beta-weighted sum
+    p: float = 2.0  # attention-map exponent
+    distill_input: str = "view"  # "view": L0/L2 on the first augmented view (authors' code); "clean": un-augmented
+    # ablation switches (the paper's Figure 8)
+    use_clone: bool = True
+    use_contrastive: bool = True
+    use_attention: bool = True
+    use_mi: bool = True  # False: uniform beta_l = alpha0 + alpha1 / L
+    # weight scheduler
+    alpha0: float = 1000.0
+    alpha1: float = 10000.0
+    # MI localisation (MINE)
+    mi_source: str = "teacher"  # "teacher" (the paper) or "student" (the authors' code: the random student)
+    mi_epochs: int = 200
+    mi_batch_size: int = 128
+    mi_lr: float = 1e-3
+    mi_weight_decay: float = 1e-5
+    mi_hidden: int = 512
+    mi_last: int = 10
+    mi_pool: int = 0  # 0: flattened stage output (reference); k > 0: adaptive avg-pool to k x k first
+    mi_eval_pass: bool = True  # per-epoch estimate from a separate pass (reference); False: the training batches'
+
+    def validate(self) -> None:
+        if self.distill_input not in ("view", "clean"):
+            raise ValueError(f"mimic.distill_input must be 'view' or 'clean', got {self.distill_input!r}")
+        if self.mi_source not in ("teacher", "student"):
+            raise ValueError(f"mimic.mi_source must be 'teacher' or 'student', got {self.mi_source!r}")
+        if not (self.use_clone or self.use_contrastive or self.use_attention):
+            raise ValueError("mimic: every loss term is switched off (use_clone/use_contrastive/use_attention)")
+        if self.mi_pool < 0:
+            raise ValueError("mimic.mi_pool must be >= 0 (0: flattened stage output)")
+
+    def mine(self) -> MINEConfig:
+        return MINEConfig(epochs=self.mi_epochs, batch_size=self.mi_batch_size, lr=self.mi_lr,
+                          weight_decay=self.mi_weight_decay, hidden=self.mi_hidden, last=self.mi_last,
+                          eval_pass=self.mi_eval_pass)
+
+
+# ----------------------------------------------------------------- MI localisation
+
+@torch.no_grad()
+def stage_table(encoder: Encoder, images: torch.Tensor, device, pool: int = 0,
+                batch_size: int = 256) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every stage output (flattened, optionally pooled to ``pool x pool``) and the L2-normalised
+    feature of ``encoder`` in eval mode on uint8 ``images``; one forward pass per batch."""
+    was_training = encoder.training
+    encoder.eval()
+    stages: dict[str, list[torch.Tensor]] = {name: [] for name in encoder.stage_names}
+    feats = []
+    for chunk in images.split(batch_size):
+        out = encoder.stages(to_float(chunk, device))
+        for name in stages:
+            fmap = out[name]
+            if pool and fmap.ndim == 4 and (fmap.shape[2] > pool or fmap.shape[3] > pool):
+                fmap = F.adaptive_avg_pool2d(fmap, pool)
+            stages[name].append(fmap.flatten(1).float())
+        feats.append(F.normalize(out["feature"].float(), dim=1))
+    encoder.train(was_training)
+    return {k: torch.cat(v) for k, v in stages.items()}, torch.cat(feats)
+
+
+def estimate_stage_mi(encoder: Encoder, images: torch.Tensor, cfg: MIMICConfig,
+                      ctx: RunContext) -> dict[str, dict]:
+    """MINE estimate of I(stage output; feature) for every stage: {layer: {"mi", "raw", "history"}}."""
+    table, feature = stage_table(encoder, images, ctx.device, cfg.mi_pool)
+    out = {}
+    for i, (name, a) in enumerate(table.items()):
+        gen = torch.Generator().manual_seed(ctx.seed * 1009 + i + 1)
+        res = estimate_mi(a, feature, cfg.mine(), generator=gen, progress=ctx.progress, desc=f"mine {name}")
+        out[name] = {"mi": res.mi, "raw": res.raw, "history": res.history}
+        ctx.logger.debug("mimic: MI(%s; feature) = %.4f (raw %.4f, input %d-d)", name, res.mi, res.raw, a.shape[1])
+    return out
+
+
+def mi_weights(mi: dict[str, float], alpha0: float, alpha1: float) -> dict[str, float]:
+    """beta_l = alpha0 + alpha1 * MI_l / sum MI; uniform shares when every MI is 0."""
+    total = sum(mi.values())
+    if not total > 0:
+        return uniform_weights(list(mi), alpha0, alpha1)
+    return {k: alpha0 + alpha1 * v / total for k, v in mi.items()}
+
+
+def uniform_weights(layers, alpha0: float, alpha1: float) -> dict[str, float]:
+    layers = list(layers)
+    return {k: alpha0 + alpha1 / len(layers) for k in layers}
+
+
+# ----------------------------------------------------------------- distillation
+
+def mimic_loss(student: Encoder, teacher: Encoder, v1: torch.Tensor, v2: torch.Tensor,
+               beta: dict[str, float], cfg: MIMICConfig, x: torch.Tensor | None = None):
+    """One step's loss. Returns (total, parts) with parts = {"l0", "l1", "l2", "at_<layer>"} (detached;
+    ``l2`` is the beta-weighted attention sum, absent terms are missing). The student runs once on
+    the concatenation of the inputs it needs, the teacher once (no grad) on the distillation input."""
+    b = len(v1)
+    needs_teacher = cfg.use_clone or cfg.use_attention
+    on_clean = cfg.distill_input == "clean" and needs_teacher
+    if on_clean and x is None:
+        raise ValueError("distill_input='clean' needs the un-augmented batch x")
+    pieces: list[tuple[str, torch.Tensor]] = []
+    if on_clean:
+        pieces.append(("x", x))
+    if cfg.use_contrastive or (needs_teacher and not on_clean):
+        pieces.append(("v1", v1))
+    if cfg.use_contrastive:
+        pieces.append(("v2", v2))
+    where = {name: slice(i * b, (i + 1) * b) for i, (name, _) in enumerate(pieces)}
+    s = student.stages(torch.cat([t for _, t in pieces]) if len(pieces) > 1 else pieces[0][1])
+
+    total = v1.new_zeros(())
+    parts: dict[str, torch.Tensor] = {}
+    if cfg.use_contrastive:
+        z1, z2 = student.head(s["feature"][where["v1"].start:where["v2"].stop]).chunk(2)
+        l1 = nt_xent(z1, z2, cfg.temperature)
+        total = total + cfg.lambda1 * l1
+        parts["l1"] = l1.detach()
+    if needs_teacher:
+        d = where["x" if on_clean else "v1"]
+        with torch.no_grad():
+            t = teacher.stages(x if on_clean else v1)
+        if cfg.use_clone:
+            l0 = -F.cosine_similarity(s["feature"][d], t["feature"], dim=1).mean()
+            total = total + cfg.lambda0 * l0
+            parts["l0"] = l0.detach()
+        if cfg.use_attention:
+            l2 = v1.new_zeros(())
+            for name, weight in beta.items():
+                at = attention_loss(s[name][d], t[name], cfg.p)
+                l2 = l2 + weight * at
+                parts[f"at_{name}"] = at.detach()
+            total = total + cfg.lambda2 * l2
+            parts["l2"] = l2.detach()
+    return total, parts
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device):
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def distill(student: Encoder, teacher: Encoder, images: torch.Tensor, beta: dict[str, float],
+            cfg: MIMICConfig, ctx: RunContext) -> list[list[float]]:
+    """Train ``student`` in place; returns per-epoch means of [L0, L1, L2] (NaN for absent terms)."""
+    student.train()
+    teacher.eval()
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    augment = SimCLRAugment()
+    batch_size = min(cfg.batch_size, len(images))
+    history = []
+    for epoch in ctx.progress(range(cfg.epochs), desc="mimic", total=cfg.epochs):
+        sums: dict[str, float] = {}
+        batches = ctx.batches(len(images), batch_size)
+        for idx in batches:
+            x = to_float(images[idx], ctx.device)
+            loss, parts = mimic_loss(student, teacher, augment(x), augment(x), beta, cfg, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+        n = max(1, len(batches))
+        history.append([sums.get(k, float("nan")) / n for k in ("l0", "l1", "l2")])
+        ctx.logger.debug("mimic epoch %d %s", epoch, {k: round(v / n, 5) for k, v in sums.items()})
+    return history
+
+
+@register_defense(
+    "mimic", config=MIMICConfig,
+    summary="MI-guided distillation of the suspect encoder into a fresh student (clone + NT-Xent + attention)",
+    profiles={"tiny": {"epochs": 40, "lr": 1e-3, "mi_epochs": 50, "mi_hidden": 128},
+              "ci": {"epochs": 4, "lr": 1e-3, "mi_epochs": 10, "mi_hidden": 128}})
+def mimic(encoder: Encoder, clean: CleanData, cfg: MIMICConfig, ctx: RunContext) -> Encoder:
+    cfg.validate()
+    encoder = encoder.to(ctx.device)
+    student = encoder.empty_like()  # random init before anything else touches the RNG
+    teacher = frozen_copy(encoder)
+    layers = list(teacher.stage_names)
+    seconds = {"mi": 0.0}
+
+    if cfg.use_attention and cfg.use_mi:
+        started = time.perf_counter()
+        source = teacher if cfg.mi_source == "teacher" else student
+        with _forked_rng(ctx.device):
+            est = estimate_stage_mi(source, clean.images, cfg, ctx)
+        student.train()
+        mi = {k: v["mi"] for k, v in est.items()}
+        ctx.record("mi", mi)
+        ctx.record("mi_raw", {k: v["raw"] for k, v in est.items()})
+        beta = mi_weights(mi, cfg.alpha0, cfg.alpha1)
+        seconds["mi"] = time.perf_counter() - started
+    elif cfg.use_attention:
+        beta = uniform_weights(layers, cfg.alpha0, cfg.alpha1)
+    else:
+        beta = {}
+    if beta:
+        ctx.record("beta", beta)
+        ctx.logger.info("mimic: beta %s", {k: round(v, 1) for k, v in beta.items()})
+
+    started = time.perf_counter()
+    history = distill(student, teacher, clean.images, beta, cfg, ctx)
+    seconds["distill"] = time.perf_counter() - started
+    ctx.record("loss_history", history)
+    ctx.record("seconds", seconds)
+    return student.eval()
