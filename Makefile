@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 PROFILE ?= tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test clean-venv table1
+.PHONY: install demo test clean-venv table1 bench bench-compare
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,12 @@ table1: $(STAMP)
 	$(BIN)/defbench table table1 --profile $(PROFILE) --format csv -o reports/out/table1.csv
 	$(BIN)/defbench table cost --profile $(PROFILE) --format md -o reports/out/cost.md
 	cat reports/out/table1.md
+
+# Speed: ratios to the plain encoder measured in one run (pytest-benchmark); JSON saved under .benchmarks/
+bench: $(STAMP)
+	$(BIN)/python -m pytest tests/bench --benchmark-only --benchmark-autosave -q
+	$(BIN)/python tests/bench/bench_mimic.py --profile $(PROFILE)
+
+# Compare the two most recent saved benchmark runs (e.g. before and after a change)
+bench-compare: $(STAMP)
+	$(BIN)/pytest-benchmark compare $$(ls -t .benchmarks/*/*.json | head -2 | tac) --sort=name --columns=median

@@ -6,6 +6,7 @@ them.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -96,3 +97,32 @@ def task_data(ci_profile, ci_env):
     size, cfg = ci_profile.encoder.image_size, ci_profile.evaluate
     return (dataset_split(ci_env, TASK, "train", size, cfg.max_train, ci_profile.seed),
             dataset_split(ci_env, TASK, "test", size, cfg.max_test, ci_profile.seed))
+
+
+# ----------------------------------------------------------------- `make bench` summary (tests/bench)
+# Every benchmark is reported as a ratio to its group's baseline measured in the same run
+# (`plain forward+backward` for training steps, `plain forward` for inference), so the numbers
+# compare across machines and commits although absolute times on a shared CPU are noisy.
+_BENCH_BASELINES = {"train": "test_plain_forward_backward", "infer": "test_plain_forward"}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    stats = {b.name: b.stats.median for b in session.benchmarks if b.stats is not None}
+    groups = {b.name: b.group for b in session.benchmarks}
+    rows = []
+    for name, median in sorted(stats.items(), key=lambda kv: (groups[kv[0]] or "", kv[1])):
+        base = stats.get(_BENCH_BASELINES.get(groups[name] or "", ""), None)
+        rows.append({"benchmark": name, "group": groups[name], "median_s": median,
+                     "ratio": median / base if base else None})
+    tr = terminalreporter
+    tr.section("defbench benchmark summary (ratio = median / the group's plain-encoder baseline)")
+    for row in rows:
+        ratio = f"{row['ratio']:8.2f}x" if row["ratio"] else "        -"
+        tr.write_line(f"{row['group'] or '':>6}  {row['benchmark']:<45} {row['median_s'] * 1000:10.1f} ms {ratio}")
+    out = Path(os.environ.get("DEFBENCH_BENCH_SUMMARY", "reports/out/bench-summary.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    tr.write_line(f"summary written to {out}")

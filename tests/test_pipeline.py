@@ -13,7 +13,7 @@ from defbench.benchmark.runner import execute, run_one
 from defbench.defenses import DEFENSES, CleanData, register_defense
 from defbench.defenses.base import DEFENSES as _REGISTRY
 
-from conftest import PRETRAIN, TASK
+from conftest import PRETRAIN, TASK  # noqa: E402
 
 
 @dataclasses.dataclass
