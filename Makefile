@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 PROFILE ?= tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test clean-venv table1 bench bench-compare
+.PHONY: install demo test clean-venv table1 bench bench-compare ci-small
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,8 @@ bench: $(STAMP)
 # Compare the two most recent saved benchmark runs (e.g. before and after a change)
 bench-compare: $(STAMP)
 	$(BIN)/pytest-benchmark compare $$(ls -t .benchmarks/*/*.json | head -2 | tac) --sort=name --columns=median
+
+# Regression subset: the ci grid (2 attacks x 8 defenses, 2 tasks) against tests/golden/ci-small.csv;
+# prints what moved and fails if anything moved beyond its seed-spread tolerance.
+ci-small: $(STAMP)
+	$(BIN)/defbench golden check

@@ -1,0 +1,127 @@
+"""The regression subset (``make ci-small``): a fixed small grid compared with golden values.
+
+The subset is the ``ci`` profile's grid restricted to one pre-training set and
+two downstream tasks: BadEncoder and BASSL x (clean, undefended, the eight
+defenses). ``defbench golden check`` runs it (finished stages come from the
+artifact store) and compares every ACC/ASR with ``tests/golden/ci-small.csv``;
+``defbench golden update`` reruns it for several seeds and rewrites the file.
+
+How the tolerances are set: on one device the same config and seed gives
+bit-identical numbers (``tests/test_determinism.py``), so at the golden seed
+any difference is a change of behaviour. What counts as *significant* comes
+from the seed-to-seed spread: ``update`` runs every seed in ``--seeds``, and
+each value's tolerance is ``max(floor, factor * (max - min over the seeds))``
+(floors 1 point of ACC and 2 points of ASR, factor 1). A change that moves a
+number by less than swapping the seed does passes; anything larger fails and
+is listed. The golden value itself is the first seed's.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .grid import expand_grid, grid_spec, run_grid
+from .profiles import Profile
+from .stages import Env
+
+PRETRAIN = "synth-cifar10"
+TASKS = ["synth-stl10", "synth-svhn"]
+KEY = ["attack", "pretrain", "downstream", "column"]
+METRICS = {"acc": 1.0, "asr": 2.0}  # metric -> tolerance floor (points)
+DEFAULT_FILE = Path("tests") / "golden" / "ci-small.csv"
+
+
+class GoldenError(ValueError):
+    """The golden file is missing, unreadable or does not match the subset."""
+
+
+def run_subset(profile: Profile, env: Env, workers: int = 1) -> pd.DataFrame:
+    """Run (or fetch from the store) the subset's stages; one row per (attack, pretrain, task, column)."""
+    spec = grid_spec(profile, pretrain=[PRETRAIN], downstream=TASKS)
+    cells = expand_grid(profile, spec)
+    outcomes = run_grid(list(cells.values()), env, "local", workers)
+    failed = [f"{o.stage.label}: {o.error}" for o in outcomes if o.status in ("failed", "skipped")]
+    if failed:
+        raise RuntimeError("the regression subset did not finish: " + "; ".join(failed[:3]))
+    rows = []
+    for (attack, column, pretrain, task), stage in cells.items():
+        result = env.store.read_meta(stage.kind, stage.key)["result"]
+        rows.append({"attack": attack, "pretrain": pretrain, "downstream": task, "column": column,
+                     "acc": result["acc"], "asr": result["asr_all"]})
+    return pd.DataFrame(rows).sort_values(KEY).reset_index(drop=True)
+
+
+def golden_frame(runs: list[pd.DataFrame], factor: float = 1.0) -> pd.DataFrame:
+    """Golden values (the first run) with tolerances from the spread over all runs."""
+    merged = runs[0].set_index(KEY)
+    stacked = pd.concat([r.set_index(KEY) for r in runs], keys=range(len(runs)))
+    for metric, floor in METRICS.items():
+        spread = stacked[metric].groupby(level=KEY).agg(lambda v: v.max() - v.min())
+        merged[f"spread_{metric}"] = spread.reindex(merged.index)
+        merged[f"tol_{metric}"] = (factor * merged[f"spread_{metric}"]).clip(lower=floor)
+    return merged.reset_index()
+
+
+def write_golden(frame: pd.DataFrame, path: Path, seeds: list[int], device: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# defbench regression subset, profile ci, written {datetime.date.today()} by "
+              f"`defbench golden update --seeds {','.join(map(str, seeds))}` on {device}, torch {torch.__version__}\n"
+              f"# seed: {seeds[0]} (the values); tol_* = max(floor, spread over the seeds); see benchmark/golden.py\n")
+    path.write_text(header + frame.to_csv(index=False, float_format="%.2f"))
+
+
+def golden_seed(path: Path) -> int:
+    """The seed the golden values were computed with (the ``# seed:`` header line; 0 if absent)."""
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.startswith("# seed:"):
+                return int(line.split(":")[1].split()[0])
+    return 0
+
+
+def read_golden(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise GoldenError(f"no golden file at {path}; create it with `defbench golden update`")
+    try:
+        frame = pd.read_csv(path, comment="#")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise GoldenError(f"golden file {path} is not a CSV ({exc}); restore it from git or rerun "
+                          "`defbench golden update`") from None
+    missing = {*KEY, *METRICS, *(f"tol_{m}" for m in METRICS)} - set(frame.columns)
+    if missing:
+        raise GoldenError(f"golden file {path} lacks columns {sorted(missing)}; rerun `defbench golden update`")
+    return frame
+
+
+def compare(current: pd.DataFrame, golden: pd.DataFrame) -> pd.DataFrame:
+    """One row per value: golden, now, delta, tolerance and whether it moved beyond it (or is missing)."""
+    both = golden.merge(current, on=KEY, how="outer", suffixes=("_golden", "_now"), indicator=True)
+    rows = []
+    for _, r in both.iterrows():
+        for metric in METRICS:
+            golden_value, now = r.get(f"{metric}_golden"), r.get(f"{metric}_now")
+            delta = now - golden_value
+            tol = r.get(f"tol_{metric}")
+            status = ("new" if r["_merge"] == "right_only" else "missing" if r["_merge"] == "left_only"
+                      else "moved" if abs(delta) > tol else "ok")
+            rows.append({**{k: r[k] for k in KEY}, "metric": metric.upper(), "golden": golden_value,
+                         "now": now, "delta": delta, "tol": tol, "status": status})
+    return pd.DataFrame(rows)
+
+
+def format_diff(diff: pd.DataFrame, show_all: bool = False) -> str:
+    bad = diff[diff.status != "ok"]
+    shown = diff if show_all else bad
+    out = io.StringIO()
+    if len(shown):
+        out.write(shown.to_markdown(index=False, floatfmt=".1f") + "\n")
+    if len(bad):
+        out.write(f"regression subset: {len(bad)} of {len(diff)} values moved beyond tolerance (or are "
+                  "missing/new). If the change is intended: `defbench golden update`, and say why in the commit.")
+    else:
+        out.write(f"regression subset: all {len(diff)} values within tolerance of the golden file.")
+    return out.getvalue()

@@ -1,0 +1,72 @@
+"""The regression subset's bookkeeping: tolerances from seed spread, the diff, the golden file."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from defbench.benchmark import golden as g
+from defbench.benchmark.cli import main
+
+
+def _run(values):
+    """A subset result: rows (attack, column) -> (acc, asr) on one task."""
+    return pd.DataFrame([{"attack": a, "pretrain": "synth-cifar10", "downstream": "synth-stl10", "column": c,
+                          "acc": acc, "asr": asr} for (a, c), (acc, asr) in values.items()])
+
+
+SEED0 = {("badencoder", "undefended"): (60.0, 80.0), ("badencoder", "mimic"): (58.0, 10.0)}
+SEED1 = {("badencoder", "undefended"): (61.5, 70.0), ("badencoder", "mimic"): (58.2, 12.0)}
+
+
+def test_tolerance_is_the_seed_spread_with_a_floor():
+    frame = g.golden_frame([_run(SEED0), _run(SEED1)]).set_index("column")
+    assert frame.loc["undefended", "acc"] == 60.0  # values from the first seed
+    assert frame.loc["undefended", "tol_acc"] == pytest.approx(1.5)
+    assert frame.loc["undefended", "tol_asr"] == pytest.approx(10.0)
+    assert frame.loc["mimic", "tol_acc"] == 1.0 and frame.loc["mimic", "tol_asr"] == 2.0  # floors
+
+
+def test_a_broken_defense_shows_up_in_the_diff(tmp_path):
+    path = tmp_path / "golden.csv"
+    g.write_golden(g.golden_frame([_run(SEED0), _run(SEED1)]), path, [0, 1], "cpu")
+    assert g.golden_seed(path) == 0
+    expected = g.read_golden(path)
+    # "mimic" now returns the suspect unchanged: it scores like the undefended encoder
+    broken = _run({**SEED0, ("badencoder", "mimic"): (60.0, 80.0)})
+    diff = g.compare(broken, expected)
+    moved = diff[diff.status != "ok"]
+    assert set(zip(moved.column, moved.metric)) == {("mimic", "ACC"), ("mimic", "ASR")}
+    text = g.format_diff(diff)
+    assert "mimic" in text and "80.0" in text and "2 of 4 values moved" in text
+    assert "undefended" not in text.split("regression subset")[0]  # only what moved is listed
+    ok = g.compare(_run(SEED1), expected)  # another seed's numbers stay inside the spread
+    assert (ok.status == "ok").all(), ok
+    assert "all 4 values within tolerance" in g.format_diff(ok)
+
+
+def test_missing_and_new_cells_are_reported():
+    expected = g.golden_frame([_run(SEED0)])
+    current = _run({("badencoder", "undefended"): SEED0[("badencoder", "undefended")],
+                    ("bassl", "undefended"): (50.0, 50.0)})
+    status = g.compare(current, expected).groupby("column").status.first()
+    assert status["mimic"] == "missing"
+    assert set(g.compare(current, expected).query("attack == 'bassl'").status) == {"new"}
+
+
+def test_golden_file_problems_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("attack,acc\nx,1\n")
+    for path, expected in ((tmp_path / "none.csv", "golden update"), (bad, "lacks columns")):
+        result = CliRunner().invoke(main, ["golden", "check", "--file", str(path)])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], result.output
+
+
+def test_committed_golden_file_covers_the_whole_subset():
+    frame = g.read_golden(Path(__file__).parent / "golden" / "ci-small.csv")
+    assert set(frame.downstream) == set(g.TASKS) and set(frame.pretrain) == {g.PRETRAIN}
+    assert set(frame.attack) == {"badencoder", "bassl"}
+    assert set(frame.column) == {"clean", "undefended", "ft", "fp", "nad", "anp", "moth", "decree", "medic", "mimic"}
+    assert (frame.tol_acc >= 1.0).all() and (frame.tol_asr >= 2.0).all()
