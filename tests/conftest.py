@@ -103,7 +103,9 @@ def task_data(ci_profile, ci_env):
 # Every benchmark is reported as a ratio to its group's baseline measured in the same run
 # (`plain forward+backward` for training steps, `plain forward` for inference), so the numbers
 # compare across machines and commits although absolute times on a shared CPU are noisy.
-_BENCH_BASELINES = {"train": "test_plain_forward_backward", "infer": "test_plain_forward"}
+# a whole ci defense run is expressed in plain training steps on the same batch size
+_BENCH_BASELINES = {"train": "test_plain_forward_backward", "infer": "test_plain_forward",
+                    "defense": "test_plain_forward_backward"}
 
 
 def pytest_terminal_summary(terminalreporter, config):
