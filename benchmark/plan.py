@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..attacks import ATTACKS
-from .datasets import FAMILIES, get_spec
+from .datasets import FAMILIES, data_version, get_spec
 from .profiles import Profile
 from .stages import Stage
 
@@ -41,8 +41,8 @@ def _labels(profile: Profile, **labels) -> dict:
 def pretrain_stage(profile: Profile, dataset: str) -> Stage:
     recipe = dataclasses.asdict(profile.pretrain)
     max_images = recipe.pop("max_images")
-    spec = {"dataset": dataset, "encoder": profile.encoder.to_dict(), "recipe": recipe,
-            "max_images": max_images, "seed": profile.seed}
+    spec = {"dataset": dataset, "data": data_version(dataset), "encoder": profile.encoder.to_dict(),
+            "recipe": recipe, "max_images": max_images, "seed": profile.seed}
     return Stage("pretrain", dataset, spec, labels=_labels(profile, label=f"pretrain {dataset}"))
 
 
@@ -54,15 +54,21 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
             "target": target_class(pretrain, downstream, cfg.target),
             "trigger": cfg.make_trigger(profile.encoder.image_size).describe(),
             "encoder": clean.spec["encoder"], "recipe": clean.spec["recipe"],
-            "max_images": clean.spec["max_images"], "seed": profile.seed}
+            "max_images": clean.spec["max_images"], "seed": profile.seed,
+            "data": {pretrain: data_version(pretrain), downstream: data_version(downstream)}}
     deps = (clean,) if component.options.get("needs_clean_encoder", True) else ()
     return Stage("attack", attack, spec, deps, _labels(profile, label=f"{attack} {pretrain}->{downstream}"))
 
 
+def clean_set_spec(profile: Profile, pretrain: str) -> dict:
+    """The defender's clean subset of ``pretrain`` (``stages.clean_subset`` draws it)."""
+    return {"dataset": pretrain, "data": data_version(pretrain), "fraction": profile.clean.fraction,
+            "max_images": profile.clean.max_images, "image_size": profile.encoder.image_size, "seed": profile.seed}
+
+
 def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str) -> Stage:
     cfg = profile.defense_config(defense)
-    clean = {"dataset": pretrain, "fraction": profile.clean.fraction, "max_images": profile.clean.max_images,
-             "image_size": profile.encoder.image_size, "seed": profile.seed}
+    clean = clean_set_spec(profile, pretrain)
     if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
         if encoder.kind != "attack":
             raise ValueError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
@@ -74,8 +80,8 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str) 
 
 def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict, target: int,
                    **labels) -> Stage:
-    spec = {"downstream": downstream, "image_size": profile.encoder.image_size, "trigger": trigger,
-            "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
+    spec = {"downstream": downstream, "data": data_version(downstream), "image_size": profile.encoder.image_size,
+            "trigger": trigger, "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
     label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
     return Stage("evaluate", downstream, spec, (encoder,), _labels(profile, label=label, **labels))
 

@@ -57,6 +57,8 @@ class DatasetSpec:
     load: Callable[..., ImageSet]  # load(split, data_dir, image_size) -> ImageSet
     default_target: int = 0
     needs_data_dir: bool = True
+    # what the stage keys record about the data: a string, or a function of the full name (npz:PATH)
+    version: str | Callable[[str], str] = "1"
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -111,6 +113,12 @@ def get_spec(name: str) -> DatasetSpec:
     if sep and prefix in DATASETS:
         return DATASETS[prefix]
     raise DatasetError(unknown_name_message("dataset", name, list(DATASETS) + ["npz:PATH", "folder:PATH"]))
+
+
+def data_version(name: str) -> str:
+    """The dataset's version for cache keys: a stage that reads changed data must not hit the cache."""
+    version = get_spec(name).version
+    return version(name) if callable(version) else version
 
 
 def load_dataset(name: str, split: str, data_dir: str | Path, image_size: int) -> ImageSet:

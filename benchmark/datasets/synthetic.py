@@ -34,7 +34,7 @@ from matplotlib.path import Path as PolyPath
 from .. import paths
 from .base import DatasetSpec, ImageSet, register_dataset, resize_uint8
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 RES = 64  # template resolution
 NATIVE = 32  # generated image size
 
@@ -160,9 +160,10 @@ def sign_classes() -> list[tuple[str, str, str, str]]:
     out += [(f"warn-{s}", "triangle", "warning", s) for s in ["bang", "left", "right", "up", "bar", "1", "2", "4", "5", "9", "dot", "slash", "x"]]
     out += [("stop", "octagon", "stop", "bar"), ("stop-x", "octagon", "stop", "x"),
             ("yield", "triangle_down", "warning", "none"), ("yield-dot", "triangle_down", "warning", "dot"),
-            ("priority-end", "diamond", "priority", "slash"), ("info", "square", "info", "up"),
+            ("info-x", "square", "info", "x"), ("info", "square", "info", "up"),
             ("info-dot", "square", "info", "dot")]
-    out.insert(12, ("priority", "diamond", "priority", "none"))  # class 12, as in GTSRB
+    # class 12, as in GTSRB: the only diamond, as the real priority-road sign is the only yellow diamond
+    out.insert(12, ("priority", "diamond", "priority", "none"))
     assert len(out) == 43
     return out
 
@@ -463,4 +464,5 @@ def _loader(name):
 
 for _spec in SETS.values():
     register_dataset(DatasetSpec(_spec.name, _spec.description, _loader(_spec.name),
-                                 default_target=_spec.default_target, needs_data_dir=False))
+                                 default_target=_spec.default_target, needs_data_dir=False,
+                                 version=f"synthetic-v{GENERATOR_VERSION}"))

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,21 @@ def load_folder(split: str, data_dir: Path, image_size: int) -> ImageSet:
     return ImageSet(name, to_nchw_rgb(images, name), labels, classes)
 
 
+def fingerprint(name: str) -> str:
+    """Size and modification time of the files (npz) or class folders (folder) behind ``npz:PATH`` /
+    ``folder:PATH``: editing the data gives new stage keys instead of stale cached results."""
+    root = Path(name.partition(":")[2]).expanduser()
+    if not root.exists():
+        return "missing"
+    entries = [root] + (sorted(root.rglob("*.npz")) if name.startswith("npz:") else
+                        sorted(p for p in root.rglob("*") if p.is_dir()))
+    parts = [f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in entries if p.exists()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 register_dataset(DatasetSpec(
     "npz", "npz:PATH, your arrays x (uint8 N x H x W x C) and y: PATH/{train,test}.npz or one .npz file",
-    load_npz, needs_data_dir=False))
+    load_npz, needs_data_dir=False, version=fingerprint))
 register_dataset(DatasetSpec(
     "folder", "folder:PATH, your images in class folders: PATH/{train,test}/<class>/ or PATH/<class>/",
-    load_folder, needs_data_dir=False))
+    load_folder, needs_data_dir=False, version=fingerprint))
