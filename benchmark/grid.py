@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..encoders.runtime import log, progress_enabled
 from .plan import cell_stages, downstream_tasks
 from .profiles import Profile
-from .runner import Outcome, expand, run_one
+from .runner import Outcome, expand, record_rows, run_one
 from .stages import Env, Stage
 
 
@@ -148,6 +148,7 @@ def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: in
             for stage in sched.ready():
                 sched.bar.set_description(f"grid: {stage.label}"[:60])
                 sched.finish(_safe_run(stage, env))
+        record_rows(stages, env)
         return sched.close()
     if executor == "local":
         _run_pool(sched, env, workers)
@@ -156,6 +157,7 @@ def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: in
                       submitit_folder or env.store.root.parent / "submitit", slurm or {})
     else:
         raise ValueError(f"unknown executor {executor!r}; use local, submitit or submitit-local")
+    record_rows(stages, env)
     return sched.close()
 
 

@@ -1,8 +1,10 @@
 """The results database: an embedded SQLite file, one row per evaluation.
 
 Every number in a table comes from a row of ``evaluations`` (with its full
-config, code version, seed, device and wall time); ``stages`` keeps one row
-per computed stage (what it was, how long it took, what it recorded).
+config, code version, seed, device and wall time; rows of a study also carry
+its ``study``, ``arm``, ``sweep`` and swept value ``x``); ``measurements`` holds
+the studies' measurements (MI per layer...); ``stages`` keeps one row per
+computed stage (what it was, how long it took, what it recorded).
 """
 from __future__ import annotations
 
@@ -24,7 +26,16 @@ CREATE TABLE IF NOT EXISTS evaluations (
     acc REAL, asr_all REAL, asr_excl REAL, n_test INTEGER,
     encoder_seconds REAL, eval_seconds REAL,
     device TEXT, code_version TEXT, config TEXT, extra TEXT,
-    created_at TEXT
+    created_at TEXT,
+    study TEXT, arm TEXT, sweep TEXT, x REAL
+);
+CREATE TABLE IF NOT EXISTS measurements (
+    row_key TEXT PRIMARY KEY,
+    stage_key TEXT NOT NULL,
+    name TEXT, study TEXT, arm TEXT,
+    profile TEXT, overrides TEXT, seed INTEGER,
+    attack TEXT, defense TEXT, pretrain TEXT, downstream TEXT, role TEXT,
+    result TEXT, seconds REAL, device TEXT, code_version TEXT, created_at TEXT
 );
 CREATE TABLE IF NOT EXISTS stages (
     stage_key TEXT PRIMARY KEY,
@@ -36,7 +47,13 @@ CREATE TABLE IF NOT EXISTS stages (
 
 EVAL_COLUMNS = ["row_key", "eval_key", "encoder_key", "profile", "overrides", "seed", "attack", "defense",
                 "role", "pretrain", "downstream", "target", "acc", "asr_all", "asr_excl", "n_test",
-                "encoder_seconds", "eval_seconds", "device", "code_version", "config", "extra", "created_at"]
+                "encoder_seconds", "eval_seconds", "device", "code_version", "config", "extra", "created_at",
+                "study", "arm", "sweep", "x"]
+MEASUREMENT_COLUMNS = ["row_key", "stage_key", "name", "study", "arm", "profile", "overrides", "seed", "attack",
+                       "defense", "pretrain", "downstream", "role", "result", "seconds", "device", "code_version", "created_at"]
+# columns added after the first release: (table, column, type), added to older databases on open
+ADDED_COLUMNS = [("evaluations", "study", "TEXT"), ("evaluations", "arm", "TEXT"), ("evaluations", "sweep", "TEXT"),
+                 ("evaluations", "x", "REAL")]
 STAGE_COLUMNS = ["stage_key", "kind", "name", "label", "seconds", "device", "code_version", "spec",
                  "records", "created_at"]
 
@@ -47,6 +64,13 @@ class ResultsDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(SCHEMA)
+            for table, column, kind in ADDED_COLUMNS:
+                present = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    try:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError:  # another process added it first
+                        pass
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=120)
@@ -66,11 +90,17 @@ class ResultsDB:
     def add_evaluation(self, row: dict) -> None:
         self._upsert("evaluations", EVAL_COLUMNS, row)
 
+    def add_measurement(self, row: dict) -> None:
+        self._upsert("measurements", MEASUREMENT_COLUMNS, row)
+
     def add_stage(self, row: dict) -> None:
         self._upsert("stages", STAGE_COLUMNS, row)
 
     def evaluations(self, **where) -> pd.DataFrame:
         return self._query("evaluations", where)
+
+    def measurements(self, **where) -> pd.DataFrame:
+        return self._query("measurements", where)
 
     def stages(self, **where) -> pd.DataFrame:
         return self._query("stages", where)

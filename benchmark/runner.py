@@ -49,9 +49,25 @@ def run_one(stage: Stage, env: Env) -> Outcome:
                 status = "cached"
     else:
         status = "cached"
-    if stage.kind == "evaluate":
-        record_evaluation(stage, env)  # idempotent: restores the row if the database was lost
+    record_row(stage, env)
     return Outcome(stage, status, time.perf_counter() - started)
+
+
+def record_row(stage: Stage, env: Env) -> None:
+    """The results row of a finished evaluate/measure stage (idempotent: restores a lost row)."""
+    if stage.kind == "evaluate":
+        record_evaluation(stage, env)
+    elif stage.kind == "measure":
+        from .measures import record_measurement
+        record_measurement(stage, env)
+
+
+def record_rows(stages: list[Stage], env: Env) -> None:
+    """Rows for every finished stage of ``stages``, including those that share a key with another
+    stage (``expand`` runs a key once, but each labelling -- a grid column, a study arm -- is a row)."""
+    for stage in stages:
+        if stage.kind in ("evaluate", "measure") and env.store.exists(stage.kind, stage.key):
+            record_row(stage, env)
 
 
 def execute(stages: list[Stage], env: Env, show_progress: bool | None = None) -> list[Outcome]:
@@ -77,4 +93,5 @@ def execute(stages: list[Stage], env: Env, show_progress: bool | None = None) ->
             log.debug("%s", traceback.format_exc())
             outcomes.append(Outcome(stage, "failed", error=f"{type(err).__name__}: {err}"))
         log.info("%-7s %s", outcomes[-1].status, stage.label)
+    record_rows(stages, env)
     return outcomes

@@ -89,7 +89,8 @@ class Stage:
         if self.kind == "defend":
             return code_version(DEFENSES.get(self.name).module)
         if self.kind == "measure":
-            return code_version(MEASURES[self.name].__module__)
+            from .measures import get_measure
+            return code_version(get_measure(self.name).__module__)
         return code_version("defbench.benchmark.evaluate")
 
     @cached_property
@@ -231,23 +232,9 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     return metrics
 
 
-# Measurements: analysis stages for the studies (e.g. MI per layer of an encoder). A measure is a
-# function (stage, env, ctx, out) -> JSON-able dict registered under a name; its stage is
-# Stage("measure", name, spec, deps) and is cached like any other.
-MEASURES: dict[str, object] = {}
-
-
-def register_measure(name: str):
-    def decorate(fn):
-        MEASURES[name] = fn
-        return fn
-    return decorate
-
-
 def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
-    if stage.name not in MEASURES:
-        raise ValueError(f"unknown measurement {stage.name!r}; known: {sorted(MEASURES)}")
-    result = MEASURES[stage.name](stage, env, ctx, out)
+    from .measures import get_measure  # the measurements use the stages' helpers
+    result = get_measure(stage.name)(stage, env, ctx, out)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -289,8 +276,10 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         "encoder_seconds": encoder_meta.get("seconds"), "eval_seconds": meta.get("seconds"),
         "device": meta.get("device"), "code_version": stage.code,
         "config": {"eval": stage.spec, "encoder": encoder_meta.get("spec")},
-        "extra": {k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
-                  if not (isinstance(v, list) and len(v) > 64)},
+        "extra": {**{k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
+                     if not (isinstance(v, list) and len(v) > 64)},
+                  **{k: v for k, v in encoder_meta.get("result", {}).items() if k == "n_clean"}},
+        **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
     }
     env.db.add_evaluation(row)
     return row
