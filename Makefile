@@ -4,10 +4,11 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-PROFILE ?= tiny
+# PROFILE: demo and bench default to tiny; table1 and ablations to paper (PROFILE=tiny on a CPU)
+PROFILE ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test clean-venv table1 bench bench-compare ci-small
+.PHONY: install demo test clean-venv table1 ablations bench bench-compare ci-small
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/defbench run --attack badencoder --defense ft --profile $(PROFILE)
+	$(BIN)/defbench run --attack badencoder --defense ft --profile $(or $(PROFILE),tiny)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -29,18 +30,22 @@ clean-venv:
 WORKERS ?= 1
 EXECUTOR ?= local
 table1: $(STAMP)
-	$(BIN)/defbench grid --profile $(PROFILE) --executor $(EXECUTOR) --workers $(WORKERS)
+	$(BIN)/defbench grid --profile $(or $(PROFILE),paper) --executor $(EXECUTOR) --workers $(WORKERS)
 	mkdir -p reports/out
-	$(BIN)/defbench table table1 --profile $(PROFILE) --format md -o reports/out/table1.md
-	$(BIN)/defbench table table1 --profile $(PROFILE) --format latex -o reports/out/table1.tex
-	$(BIN)/defbench table table1 --profile $(PROFILE) --format csv -o reports/out/table1.csv
-	$(BIN)/defbench table cost --profile $(PROFILE) --format md -o reports/out/cost.md
+	$(BIN)/defbench table table1 --profile $(or $(PROFILE),paper) --format md -o reports/out/table1.md
+	$(BIN)/defbench table table1 --profile $(or $(PROFILE),paper) --format latex -o reports/out/table1.tex
+	$(BIN)/defbench table table1 --profile $(or $(PROFILE),paper) --format csv -o reports/out/table1.csv
+	$(BIN)/defbench table cost --profile $(or $(PROFILE),paper) --format md -o reports/out/cost.md
 	cat reports/out/table1.md
+
+# The paper's other studies (ablations, sweeps, robustness, cost): figures + tables in reports/out/ablations.md
+ablations: $(STAMP)
+	$(BIN)/defbench report all --profile $(or $(PROFILE),paper) --executor $(EXECUTOR) --workers $(WORKERS) -o reports/out
 
 # Speed: ratios to the plain encoder measured in one run (pytest-benchmark); JSON saved under .benchmarks/
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/bench --benchmark-only --benchmark-autosave -q
-	$(BIN)/python tests/bench/bench_mimic.py --profile $(PROFILE)
+	$(BIN)/python tests/bench/bench_mimic.py --profile $(or $(PROFILE),tiny)
 
 # Compare the two most recent saved benchmark runs (e.g. before and after a change)
 bench-compare: $(STAMP)

@@ -138,7 +138,7 @@ def _names(text: str) -> list[str]:
 def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profile, sets, seed, device, data_dir,
          verbose):
     """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
-    from .grid import expand_grid, grid_spec, run_grid
+    from .grid import expand_grid, grid_spec
     prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
     spec = grid_spec(prof, _names(attacks), _names(defenses), _names(pretrain_sets), _names(downstream))
     for name in spec.attacks:
@@ -150,9 +150,7 @@ def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profil
     cells = expand_grid(prof, spec)
     env.store.sweep_temporaries()
     started = time.perf_counter()
-    outcomes = run_grid(list(cells.values()), env, executor, workers,
-                        slurm={"partition": prof.grid.slurm_partition, "gpus": prof.grid.slurm_gpus,
-                               "cpus": prof.grid.slurm_cpus, "timeout_min": prof.grid.slurm_timeout_min})
+    outcomes = run_grid_from_cli(list(cells.values()), env, executor, workers, prof)
     click.echo(format_summary(outcomes, time.perf_counter() - started))
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
@@ -210,6 +208,69 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
         click.echo(f"wrote {output}")
     else:
         click.echo(text)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--executor", type=click.Choice(["local", "submitit", "submitit-local"]), default="local",
+              show_default=True, help="as for `defbench grid`")
+@click.option("--workers", type=int, default=1, show_default=True, help="parallel stages")
+@click.option("--no-run", is_flag=True, help="only render from the results database (fail if results are missing)")
+@click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/out"),
+              show_default=True, help="where the figures, tables and markdown go")
+@profile_options
+@friendly_errors
+def report(name, executor, workers, no_run, asr_convention, out_dir, profile, sets, seed, device, data_dir,
+           verbose):
+    """Run one of the paper's studies (or `all`) through the grid runner and render its figure and table.
+
+    Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
+    adaptive, cost. `all` also writes OUT_DIR/ablations.md with every figure and its numbers."""
+    from ..reports import ablations
+    from .studies import STUDIES, plan_study
+    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    names = list(STUDIES) if name == "all" else [name]
+    plans = [plan_study(n, profile, prof.overrides) for n in names]
+    failures: dict[str, str] = {}
+    if not no_run:
+        for plan in plans:
+            check_datasets(prof, env, plan.pretrain, plan.tasks)
+        env.store.sweep_temporaries()
+        started = time.perf_counter()
+        stages = [s for plan in plans for s in plan.stages]
+        outcomes = run_grid_from_cli(stages, env, executor, workers, prof)
+        click.echo(format_summary(outcomes, time.perf_counter() - started))
+    sections = []
+    for plan in plans:
+        study = plan.study
+        try:
+            built = ablations.build(study.name, study.title, study.paper, paths.results_db(),
+                                    plan.expected(plan.evaluations), plan.expected(plan.measurements),
+                                    prof.name, prof.seed, asr_convention)
+        except ReportError as err:
+            failures[study.name] = str(err)
+            click.echo(f"defbench: report {study.name}: {err}", err=True)
+            continue
+        written = ablations.write(built, out_dir)
+        sections.append(ablations.section(built))
+        click.echo(f"report {study.name}: wrote {written['png']}, {written['svg']}, {written['md']}")
+    if name == "all":
+        header = (f"# The paper's studies, profile {prof.name}, seed {prof.seed}\n\n"
+                  f"Rendered by `defbench report all --profile {prof.name}` from the results database; "
+                  f"ASR convention: {ablations.ASR_NOTE[asr_convention]}. All numbers in %, times in seconds.")
+        (out_dir / "ablations.md").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "ablations.md").write_text(ablations.page(sections, failures, header))
+        click.echo(f"wrote {out_dir / 'ablations.md'}")
+    if failures:
+        sys.exit(1)
+
+
+def run_grid_from_cli(stages, env, executor, workers, prof):
+    from .grid import run_grid
+    return run_grid(stages, env, executor, workers,
+                    slurm={"partition": prof.grid.slurm_partition, "gpus": prof.grid.slurm_gpus,
+                           "cpus": prof.grid.slurm_cpus, "timeout_min": prof.grid.slurm_timeout_min})
 
 
 @main.group()
@@ -283,7 +344,8 @@ def list_(what):
             click.echo(key)
 
 
+from .detect import detect  # noqa: E402  (detect uses this module's error handling)
+main.add_command(detect)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
-from .detect import detect  # noqa: E402
-main.add_command(detect)

@@ -63,8 +63,16 @@ class GridSettings:
     slurm_timeout_min: int = 24 * 60
 
 
+@dataclass
+class StudySettings:
+    """Where the studies of ``defbench report`` run (``benchmark/studies.py``)."""
+    attack: str = "badencoder"
+    pretrain: str = ""  # "": the grid's first pre-training set
+    downstream: list[str] = field(default_factory=list)  # empty: every task of the pre-training set's family
+
+
 SECTIONS = {"encoder": EncoderConfig, "pretrain": PretrainSettings, "clean": CleanSettings,
-            "evaluate": EvalSettings, "grid": GridSettings}
+            "evaluate": EvalSettings, "grid": GridSettings, "studies": StudySettings}
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Profile:
     clean: CleanSettings = field(default_factory=CleanSettings)
     evaluate: EvalSettings = field(default_factory=EvalSettings)
     grid: GridSettings = field(default_factory=GridSettings)
+    studies: StudySettings = field(default_factory=StudySettings)
     # component settings: {"*": {...}} applies to whichever attack/defense runs
     attack: dict[str, dict] = field(default_factory=dict)
     defense: dict[str, dict] = field(default_factory=dict)

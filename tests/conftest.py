@@ -27,6 +27,11 @@ from defbench.attacks import trigger_from_description  # noqa: E402
 from defbench.defenses import CleanData  # noqa: E402
 from defbench.encoders import RunContext  # noqa: E402
 
+# --set overrides for grids small enough to run several times in a test (ci profile): every stage takes seconds.
+MICRO = ["encoder.width=8", "encoder.channels_last=false", "pretrain.epochs=1", "pretrain.max_images=256",
+         "pretrain.batch_size=64", "attack.badencoder.epochs=1", "attack.badencoder.shadow_images=128",
+         "attack.badencoder.batch_size=64", "defense.ft.epochs=1", "defense.ft.batch_size=64",
+         "clean.max_images=128", "evaluate.epochs=2", "evaluate.max_train=300", "evaluate.max_test=200"]
 # the ci cell the shared fixtures build: BadEncoder on the pre-training set's object task
 PRETRAIN, TASK = "synth-cifar10", "synth-stl10"
 

@@ -8,11 +8,8 @@ from pathlib import Path
 
 import pytest
 
-# A grid small enough to run several times in a test: every stage takes seconds.
-MICRO = ["encoder.width=8", "encoder.channels_last=false", "pretrain.epochs=1", "pretrain.max_images=256",
-         "pretrain.batch_size=64", "attack.badencoder.epochs=1", "attack.badencoder.shadow_images=128",
-         "attack.badencoder.batch_size=64", "defense.ft.epochs=1", "defense.ft.batch_size=64",
-         "clean.max_images=128", "evaluate.epochs=2", "evaluate.max_train=300", "evaluate.max_test=200"]
+from conftest import MICRO
+
 GRID = ["--profile", "ci", "--attacks", "badencoder", "--defenses", "ft,fp", "--pretrain", "synth-cifar10",
         "--downstream", "synth-stl10,synth-svhn"]
 

@@ -1,0 +1,161 @@
+"""The paper's studies beyond Table I, as small grids (``defbench report NAME``).
+
+A study is a list of *arms*; an arm is a set of ``--set`` overrides plus what
+to run under them (which attack, which defenses, on the suspect or on the
+clean encoder, or a measurement). Every arm becomes ordinary stages through
+the planner of Table I (``plan.py``), so the studies share the artifact store
+with the grid and with each other: the full-MIMIC arm of the component
+ablation, the lambda = 1 points of the sweeps, the 10x10 trigger and the
+profile's clean ratio are the same stages, computed once.
+
+The evaluate stages carry ``study``, ``arm``, ``sweep`` and ``x`` labels, which
+land in the results database; ``reports/ablations.py`` renders each study
+from those rows alone. Where a study runs (attack, pre-training set, tasks)
+is the profile's ``[studies]`` section.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
+                   pretrain_stage)
+from .profiles import Profile, load_profile
+from .stages import Stage
+
+EVERY_DEFENSE = ("*",)  # the profile's grid.defenses (e.g. --set 'grid.defenses=["ft","mine"]')
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: dict = field(default_factory=dict)
+    x: float | None = None  # the swept value, when the study sweeps one
+    sweep: str = ""  # which sweep of the study (the lambda study has two)
+    defenses: tuple[str, ...] = ("mimic",)
+    attack: str = ""  # "": the profile's studies.attack
+    on_clean_encoder: bool = False  # apply the defenses to the clean encoder (Table III)
+    measure: str = ""  # a measurement instead of evaluations (e.g. "stage-mi")
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    paper: str  # where the paper shows it
+    arms: tuple[Arm, ...]
+
+
+def _sweep(field_name: str, values, sweep: str = "", fmt: str = "{}", **arm) -> tuple[Arm, ...]:
+    return tuple(Arm(fmt.format(v), {field_name: v}, x=float(v), sweep=sweep, **arm) for v in values)
+
+
+CLEAN_RATIOS = (0.01, 0.02, 0.03, 0.04, 0.05)
+
+STUDIES: dict[str, Study] = {s.name: s for s in [
+    Study("components", "MIMIC's components: without L0 (clone), L1 (NT-Xent), L2 (attention) or the MI "
+          "localisation (uniform beta)", "Figure 8", (
+              Arm("MIMIC"),
+              Arm("w/o L0", {"defense.mimic.use_clone": False}),
+              Arm("w/o L1", {"defense.mimic.use_contrastive": False}),
+              Arm("w/o L2", {"defense.mimic.use_attention": False}),
+              Arm("w/o MI", {"defense.mimic.use_mi": False}),
+              Arm("clone only", {"defense.mimic.use_contrastive": False, "defense.mimic.use_attention": False}),
+          )),
+    Study("lambdas", "MIMIC's loss weights: lambda1 (NT-Xent) and lambda2 (attention, a multiplier of beta)",
+          "Figure 9",
+          _sweep("defense.mimic.lambda1", (0.0, 0.2, 0.4, 0.7, 1.0), "lambda1", "λ1={}")
+          + _sweep("defense.mimic.lambda2", (0.0, 0.1, 0.3, 1.0, 3.0), "lambda2", "λ2={}")),
+    Study("trigger-size", "Trigger size: 3x3, 5x5 and 10x10 white patches, BadEncoder then MIMIC", "Figure 10",
+          _sweep("attack.trigger_size", (3, 5, 10), fmt="{0}x{0}")),
+    Study("clean-ratio", "The defender's clean data: 1% to 5% of the pre-training set, every defense",
+          "Figure 12", _sweep("clean.fraction", CLEAN_RATIOS, fmt="{:.0%}", defenses=EVERY_DEFENSE)),
+    Study("poison-ratio", "A poisoned 'clean' set: 0% to 25% of the defender's images carry the trigger",
+          "Figure 13", _sweep("clean.poison_ratio", (0.0, 0.05, 0.1, 0.15, 0.2, 0.25), fmt="{:.0%}")),
+    Study("clean-encoders", "Each defense applied to a clean (unattacked) encoder: ACC before and after",
+          "Table III", (Arm("clean encoder", defenses=EVERY_DEFENSE, on_clean_encoder=True),)),
+    Study("mi-layers", "MI between each stage and the feature, on clean and on triggered inputs", "Figure 4", (
+        Arm("backdoored", measure="stage-mi"),
+        Arm("clean", measure="stage-mi", on_clean_encoder=True),
+    )),
+    Study("adaptive", "Adaptive BadEncoder: an MI regulariser pulls the triggered MI profile onto the clean one",
+          "Figure 11", (
+              Arm("BadEncoder", attack="badencoder"),
+              Arm("adaptive BadEncoder", attack="badencoder-adaptive"),
+          )),
+    Study("cost", "Wall time of each defense, and how it grows with the clean-set size", "Section V (cost)",
+          _sweep("clean.fraction", (0.01, 0.03, 0.05), fmt="{:.0%}", defenses=EVERY_DEFENSE)),
+]}
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        from .datasets.base import unknown_name_message
+        raise ValueError(unknown_name_message("report", name, STUDIES))
+    return STUDIES[name]
+
+
+@dataclass
+class StudyPlan:
+    study: Study
+    profile: Profile  # the base profile (the user's --set, no arm overrides)
+    attack: str
+    pretrain: str
+    tasks: list[str]
+    evaluations: list[Stage]  # every evaluate stage, one per (arm, role, defense, task), labelled
+    measurements: list[Stage]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.evaluations + self.measurements
+
+    @staticmethod
+    def expected(stages: list[Stage]) -> list[dict]:
+        """What the report needs from the results database: one label dict per row."""
+        keys = ("arm", "role", "defense", "attack", "overrides")
+        return [{**{k: s.labels.get(k) for k in keys}, "downstream": s.spec.get("downstream", s.labels.get("downstream"))}
+                for s in stages]
+
+
+def _label(stages, study: Study, arm: Arm) -> None:
+    for stage in stages:
+        stage.labels.update(study=study.name, arm=arm.name, sweep=arm.sweep, x=arm.x)
+
+
+def plan_study(name: str, profile_name: str, sets: dict | None = None) -> StudyPlan:
+    study = get_study(name)
+    base = load_profile(profile_name, sets)
+    pretrain = base.studies.pretrain or base.grid.pretrain[0]
+    tasks = downstream_tasks(pretrain, base.studies.downstream)
+    evaluations: list[Stage] = []
+    measurements: list[Stage] = []
+    for arm in study.arms:
+        prof = load_profile(profile_name, {**(sets or {}), **arm.overrides})
+        attack = arm.attack or base.studies.attack
+        arm_stages: list[Stage] = []
+        for task in tasks:
+            if arm.measure:
+                arm_stages.append(_measure_stage(prof, arm, attack, pretrain, task))
+                continue
+            for defense in (prof.grid.defenses if arm.defenses == EVERY_DEFENSE else arm.defenses):
+                plan = clean_encoder_stages if arm.on_clean_encoder else cell_stages
+                arm_stages.extend(plan(prof, attack, defense, pretrain, task).values())
+        _label(arm_stages, study, arm)
+        (measurements if arm.measure else evaluations).extend(arm_stages)
+    return StudyPlan(study, base, base.studies.attack, pretrain, tasks, evaluations, measurements)
+
+
+def _measure_stage(prof: Profile, arm: Arm, attack: str, pretrain: str, task: str) -> Stage:
+    suspect = attack_stage(prof, attack, pretrain, task)
+    encoder = pretrain_stage(prof, pretrain) if arm.on_clean_encoder else suspect
+    mimic = prof.defense_config("mimic")
+    spec = {"measure": arm.measure, "trigger": suspect.spec["trigger"],
+            "clean": clean_set_spec(prof, pretrain),
+            "mine": {"epochs": mimic.mi_epochs, "batch_size": mimic.mi_batch_size, "lr": mimic.mi_lr,
+                     "weight_decay": mimic.mi_weight_decay, "hidden": mimic.mi_hidden, "last": mimic.mi_last,
+                     "eval_pass": mimic.mi_eval_pass},
+            "pool": mimic.mi_pool, "seed": prof.seed}
+    role = "clean" if arm.on_clean_encoder else "undefended"
+    labels = {"profile": prof.name, "overrides": prof.overrides, "seed": prof.seed, "attack": attack,
+              "pretrain": pretrain, "downstream": task, "role": role, "defense": "none",
+              "label": f"measure {arm.measure} {role} {attack} {pretrain}->{task}"}
+    return Stage("measure", arm.measure, spec, (encoder,), labels)

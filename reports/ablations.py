@@ -1,0 +1,373 @@
+"""The paper's studies as figures and tables, rendered from the results database alone.
+
+``benchmark/studies.py`` says what each study runs; its result rows carry the
+study's name and the arm they belong to. Here every study becomes a figure
+(PNG and SVG) and a table with the numbers the figure shows. A study whose
+rows are missing or partial is not drawn: :func:`match_rows` raises a
+:class:`ReportError` naming what is missing and the command that computes it.
+
+Conventions in every figure: ACC is a line, ASR bars (the paper's style), both
+in % on one axis; the undefended encoder is a dashed reference line; when a
+study runs on several downstream tasks, figures show the mean over tasks and
+the tables list every task.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .tables import ASR_COLUMNS, ASR_NOTE, ReportError  # noqa: E402,F401  (ASR_NOTE: for the page header)
+
+MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack", "overrides"]
+ACC_COLOUR, ASR_COLOUR, REF_COLOUR = "#1f77b4", "#d62728", "0.35"
+
+
+@dataclass
+class StudyReport:
+    name: str
+    title: str
+    paper: str
+    figure: plt.Figure
+    table: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------- reading
+
+def _overrides_json(value) -> str:
+    return json.dumps(value or {}, sort_keys=True, default=str)
+
+
+def read_rows(db_path: Path, study: str, table: str = "evaluations") -> pd.DataFrame:
+    if not Path(db_path).is_file():
+        raise ReportError(f"no results database at {db_path}; run `defbench report {study}` first")
+    with sqlite3.connect(db_path) as con:
+        try:
+            return pd.read_sql_query(f"SELECT * FROM {table} WHERE study = ?", con, params=[study])
+        except pd.errors.DatabaseError:  # a database written before the studies existed
+            return pd.DataFrame()
+
+
+def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seed: int) -> pd.DataFrame:
+    """The newest row for every expected (arm, role, defense, task, attack, overrides); all must be there."""
+    want = pd.DataFrame(expected)
+    want["overrides"] = want["overrides"].map(_overrides_json)
+    if len(rows):
+        rows = rows[(rows.profile == profile) & (rows.seed == seed)]
+        rows = rows.sort_values("created_at").drop_duplicates(MATCH_KEYS, keep="last")
+        merged = want.merge(rows, on=MATCH_KEYS, how="left", indicator=True)
+    else:
+        merged = want.assign(_merge="left_only")
+    missing = merged[merged._merge == "left_only"]
+    if len(missing):
+        first = missing.iloc[0]
+        raise ReportError(
+            f"report {study}: {len(missing)} of {len(want)} results missing for profile {profile}, seed {seed} "
+            f"(first: arm {first.arm!r}, {first.role} {first.defense} on {first.downstream}); "
+            f"compute them with `defbench report {study} --profile {profile}`")
+    return merged.drop(columns="_merge")
+
+
+# ----------------------------------------------------------------- helpers
+
+def _mean_by(rows: pd.DataFrame, keys: list[str], asr: str) -> pd.DataFrame:
+    """ACC/ASR (and defense seconds) averaged over tasks, one row per ``keys``; order of first appearance."""
+    rows = rows.assign(_order=range(len(rows)))
+    out = rows.groupby(keys, sort=False, dropna=False).agg(
+        ACC=("acc", "mean"), ASR=(asr, "mean"), seconds=("encoder_seconds", "mean"), _order=("_order", "min"))
+    return out.sort_values("_order").drop(columns="_order").reset_index()
+
+
+def _reference(rows: pd.DataFrame, role: str, asr: str) -> tuple[float, float]:
+    ref = rows[rows.role == role].drop_duplicates("downstream")
+    return float(ref.acc.mean()), float(ref[asr].mean())
+
+
+def _bars_and_line(ax, labels: list[str], acc, asr, undefended: tuple[float, float] | None = None,
+                   xlabel: str = "") -> None:
+    x = np.arange(len(labels))
+    ax.bar(x, asr, width=0.6, color=ASR_COLOUR, alpha=0.75, label="ASR")
+    ax.plot(x, acc, marker="o", color=ACC_COLOUR, linewidth=2, label="ACC")
+    if undefended is not None:
+        ax.axhline(undefended[1], color=REF_COLOUR, linestyle="--", linewidth=1, label="ASR undefended")
+        ax.axhline(undefended[0], color=REF_COLOUR, linestyle=":", linewidth=1, label="ACC undefended")
+    ax.set_xticks(x, labels)
+    _percent_axis(ax, xlabel)
+
+
+def _percent_axis(ax, xlabel: str = "", ylabel: str = "ACC / ASR (%)") -> None:
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(ylabel)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.legend(fontsize=8, loc="best", framealpha=0.85)
+
+
+def _per_task_table(rows: pd.DataFrame, index: list[str], asr: str) -> pd.DataFrame:
+    """ACC/ASR per task (columns "TASK ACC", "TASK ASR") plus their means when there are several tasks."""
+    tasks = list(dict.fromkeys(rows.downstream))
+    table = _mean_by(rows, index, asr)[index + ["ACC", "ASR"]]
+    if len(tasks) > 1:
+        for task in tasks:
+            part = _mean_by(rows[rows.downstream == task], index, asr)
+            table[f"{task} ACC"] = part.ACC.values
+            table[f"{task} ASR"] = part.ASR.values
+        table = table.rename(columns={"ACC": "mean ACC", "ASR": "mean ASR"})
+    return table
+
+
+def _figure(ncols: int = 1, width: float = 6.4) -> tuple[plt.Figure, list]:
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, 4.2), squeeze=False)
+    return fig, list(axes[0])
+
+
+# ----------------------------------------------------------------- the studies
+
+def components(rows, asr, meas=None) -> tuple[plt.Figure, pd.DataFrame, list[str]]:
+    defended = rows[rows.role == "defended"]
+    table = _per_task_table(defended, ["arm"], asr)
+    undefended = _reference(rows, "undefended", asr)
+    fig, (ax,) = _figure(width=7.5)
+    _bars_and_line(ax, ["undefended"] + list(table.arm), [undefended[0], *table.iloc[:, 1]],
+                   [undefended[1], *table.iloc[:, 2]], xlabel="MIMIC variant")
+    ax.set_title("MIMIC without one component")
+    table = pd.concat([pd.DataFrame([{"arm": "undefended", table.columns[1]: undefended[0],
+                                      table.columns[2]: undefended[1]}]), table], ignore_index=True)
+    return fig, table.rename(columns={"arm": "variant"}), []
+
+
+def lambdas(rows, asr, meas=None):
+    defended = rows[rows.role == "defended"]
+    undefended = _reference(rows, "undefended", asr)
+    fig, axes = _figure(2)
+    tables = []
+    for ax, sweep in zip(axes, ["lambda1", "lambda2"]):
+        part = _mean_by(defended[defended.sweep == sweep], ["x"], asr).sort_values("x")
+        name = {"lambda1": "λ1 (weight of NT-Xent, L1)", "lambda2": "λ2 (multiplier of the β-weighted attention, L2)"}
+        _bars_and_line(ax, [f"{v:g}" for v in part.x], part.ACC, part.ASR, undefended, xlabel=name[sweep])
+        ax.set_title(f"{sweep} sweep (the other weight at 1)")
+        tables.append(_per_task_table(defended[defended.sweep == sweep], ["sweep", "x"], asr).sort_values("x"))
+    table = pd.concat(tables, ignore_index=True).rename(columns={"x": "value"})
+    return fig, table, [f"undefended: ACC {undefended[0]:.2f}, ASR {undefended[1]:.2f}"]
+
+
+def _before_after(rows, asr, by: str, before_role: str = "undefended", after_role: str = "defended"):
+    before = _mean_by(rows[rows.role == before_role], [by], asr)
+    after = _mean_by(rows[rows.role == after_role], [by], asr)
+    return before.merge(after, on=by, suffixes=(" before", " after"), sort=False)
+
+
+def _grouped(ax, labels, series: dict[str, tuple], xlabel: str) -> None:
+    """ASR bars side by side and ACC lines, one pair per series name: {name: (acc, asr, colour)}."""
+    x = np.arange(len(labels))
+    width = 0.8 / len(series)
+    for i, (name, (acc, asr, colour)) in enumerate(series.items()):
+        ax.bar(x - 0.4 + width * (i + 0.5), asr, width=width * 0.95, color=colour, alpha=0.55, label=f"ASR {name}")
+        ax.plot(x, acc, marker="o", color=colour, linewidth=2, label=f"ACC {name}")
+    ax.set_xticks(x, labels)
+    _percent_axis(ax, xlabel)
+
+
+def trigger_size(rows, asr, meas=None):
+    both = _before_after(rows, asr, "arm")
+    fig, (ax,) = _figure()
+    _grouped(ax, list(both.arm), {"undefended": (both["ACC before"], both["ASR before"], REF_COLOUR),
+                                  "MIMIC": (both["ACC after"], both["ASR after"], ASR_COLOUR)},
+             xlabel="trigger size (pixels, white patch)")
+    ax.set_title("BadEncoder with a smaller trigger, before and after MIMIC")
+    table = both[["arm", "ACC before", "ASR before", "ACC after", "ASR after"]].copy()
+    table["ASR reduction"] = table["ASR before"] - table["ASR after"]
+    table["ACC loss"] = table["ACC before"] - table["ACC after"]
+    return fig, table.rename(columns={"arm": "trigger"}), ["before = undefended, after = MIMIC"]
+
+
+def clean_ratio(rows, asr, meas=None):
+    defended = rows[rows.role == "defended"]
+    undefended = _reference(rows, "undefended", asr)
+    means = _mean_by(defended, ["defense", "x"], asr)
+    fig, axes = _figure(2)
+    for ax, metric, ref in zip(axes, ["ACC", "ASR"], undefended):
+        for defense, part in means.groupby("defense", sort=False):
+            ax.plot(part.x * 100, part[metric], marker="o", linewidth=1.5, label=defense)
+        ax.axhline(ref, color=REF_COLOUR, linestyle="--", linewidth=1, label="undefended")
+        ax.set_title(f"{metric} after each defense")
+        ax.set_xticks(sorted(means.x.unique() * 100))
+        _percent_axis(ax, "clean data (% of the pre-training set)", f"{metric} (%)")
+        ax.legend(fontsize=7, ncol=3, loc="best", framealpha=0.85)
+    table = means.pivot(index="x", columns="defense", values=["ACC", "ASR"])
+    table.columns = [f"{d} {m}" for m, d in table.columns]
+    table = table[[f"{d} {m}" for d in dict.fromkeys(means.defense) for m in ("ACC", "ASR")]].reset_index()
+    table["x"] = (table.x * 100).map(lambda v: f"{v:g}%")
+    return fig, table.rename(columns={"x": "clean data"}), [
+        f"undefended: ACC {undefended[0]:.2f}, ASR {undefended[1]:.2f}"]
+
+
+def poison_ratio(rows, asr, meas=None):
+    defended = _mean_by(rows[rows.role == "defended"], ["x"], asr).sort_values("x")
+    undefended = _reference(rows, "undefended", asr)
+    fig, (ax,) = _figure()
+    _bars_and_line(ax, [f"{v:.0%}" for v in defended.x], defended.ACC, defended.ASR, undefended,
+                   xlabel="triggered images in the defender's clean set")
+    ax.set_title("MIMIC with a poisoned clean set")
+    table = _per_task_table(rows[rows.role == "defended"], ["x"], asr).sort_values("x")
+    table["x"] = table.x.map(lambda v: f"{v:.0%}")
+    return fig, table.rename(columns={"x": "poisoned share"}), [
+        f"undefended: ACC {undefended[0]:.2f}, ASR {undefended[1]:.2f}"]
+
+
+def clean_encoders(rows, asr, meas=None):
+    before = rows[rows.role == "clean"].drop_duplicates("downstream")
+    after = rows[rows.role == "clean-defended"]
+    acc_before = float(before.acc.mean())
+    per_defense = _mean_by(after, ["defense"], asr)
+    fig, (ax,) = _figure(width=7.5)
+    x = np.arange(len(per_defense))
+    ax.bar(x, per_defense.ACC, width=0.6, color=ACC_COLOUR, alpha=0.75, label="ACC after the defense")
+    ax.axhline(acc_before, color=REF_COLOUR, linestyle="--", linewidth=1, label="ACC of the clean encoder")
+    ax.set_xticks(x, per_defense.defense)
+    _percent_axis(ax, "defense applied to a clean encoder", "ACC (%)")
+    ax.set_title("Cost of each defense on an encoder without a backdoor")
+    table = _per_task_table(after, ["defense"], asr)
+    acc_col = "mean ACC" if "mean ACC" in table else "ACC"
+    table.insert(1, "ACC before", acc_before)
+    table["ACC change"] = table[acc_col] - acc_before
+    return fig, table, [f"clean encoder: ACC {acc_before:.2f} (mean over tasks)"]
+
+
+def mi_layers(rows, asr, meas: pd.DataFrame | None = None):
+    records = []
+    for _, m in meas.iterrows():
+        result = json.loads(m.result)["mi"]
+        for inputs, layers in result.items():
+            for layer, value in layers.items():
+                records.append({"encoder": m.arm, "inputs": inputs, "layer": layer, "MI": value,
+                                "downstream": m.downstream})
+    frame = pd.DataFrame(records).groupby(["encoder", "inputs", "layer"], sort=False).MI.mean().reset_index()
+    encoders = list(dict.fromkeys(frame.encoder))
+    fig, axes = _figure(len(encoders))
+    top = frame.MI.max() * 1.15 or 1.0
+    for ax, encoder in zip(axes, encoders):
+        part = frame[frame.encoder == encoder]
+        for inputs, colour in (("clean", ACC_COLOUR), ("triggered", ASR_COLOUR)):
+            p = part[part.inputs == inputs]
+            ax.plot(p.layer, p.MI, marker="o", linewidth=2, color=colour, label=f"{inputs} inputs")
+        ax.set_ylim(0, top)
+        ax.set_xlabel("stage")
+        ax.set_ylabel("MI estimate I(stage; feature) (nats)")
+        ax.set_title(f"{encoder} encoder")
+        ax.legend(fontsize=8)
+    table = frame.pivot_table(index=["encoder", "inputs"], columns="layer", values="MI", sort=False).reset_index()
+    table.columns.name = None
+    return fig, table, ["MINE (Donsker-Varadhan) with the profile's MIMIC estimator settings, on the "
+                        "defender's clean images and the same images with the trigger"]
+
+
+def adaptive(rows, asr, meas=None):
+    both = _before_after(rows, asr, "arm")
+    fig, (ax,) = _figure()
+    _grouped(ax, list(both.arm), {"undefended": (both["ACC before"], both["ASR before"], REF_COLOUR),
+                                  "MIMIC": (both["ACC after"], both["ASR after"], ASR_COLOUR)}, xlabel="attack")
+    ax.set_title("An adaptive attack that hides its MI profile")
+    table = both[["arm", "ACC before", "ASR before", "ACC after", "ASR after"]]
+    return fig, table.rename(columns={"arm": "attack"}), ["before = undefended, after = MIMIC"]
+
+
+def fit_exponent(sizes, seconds) -> float:
+    """Slope of log(time) against log(clean-set size): time ~ size^exponent."""
+    sizes, seconds = np.asarray(sizes, float), np.asarray(seconds, float)
+    ok = (sizes > 0) & (seconds > 0)
+    if ok.sum() < 2 or len(set(sizes[ok])) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(sizes[ok]), np.log(seconds[ok]), 1)[0])
+
+
+def cost(rows, asr, meas=None):
+    defended = rows[rows.role == "defended"].drop_duplicates("encoder_key").copy()
+    defended["n_clean"] = defended.extra.map(lambda e: json.loads(e or "{}").get("n_clean"))
+    if defended.n_clean.isna().any():
+        raise ReportError("report cost: some defended rows lack the clean-set size (rows written by an older "
+                          "defbench); rerun `defbench report cost` to refresh them")
+    per = defended.groupby(["defense", "x"], sort=False).agg(
+        seconds=("encoder_seconds", "mean"), n_clean=("n_clean", "mean")).reset_index()
+    order = list(dict.fromkeys(defended.defense))
+    largest = per[per.x == per.x.max()].set_index("defense").loc[order].reset_index()
+    fig, axes = _figure(2)
+    axes[0].bar(largest.defense, largest.seconds, color=ACC_COLOUR, alpha=0.8)
+    axes[0].set_ylabel("wall time per defense run (s)")
+    axes[0].set_xlabel(f"defense ({largest.n_clean.mean():.0f} clean images)")
+    axes[0].set_title("Time per defense")
+    exponents = {}
+    for defense in order:
+        part = per[per.defense == defense].sort_values("n_clean")
+        exponents[defense] = fit_exponent(part.n_clean, part.seconds)
+        axes[1].plot(part.n_clean, part.seconds, marker="o", label=f"{defense} (k = {exponents[defense]:.2f})")
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("clean images (log scale)")
+    axes[1].set_ylabel("wall time (s, log scale)")
+    axes[1].set_title("Growth with the clean-set size: time ~ n^k")
+    axes[1].legend(fontsize=7, ncol=2)
+    sizes = per.groupby("x").n_clean.mean()
+    table = per.pivot(index="defense", columns="x", values="seconds").loc[order]
+    table.columns = [f"{sizes[c]:.0f} images (s)" for c in table.columns]
+    table["exponent k"] = [exponents[d] for d in table.index]
+    return fig, table.reset_index(), ["wall time of the defend stage as recorded when it ran (device in the "
+                                      "results database); k = least-squares slope of log time on log size"]
+
+
+RENDERERS = {"components": components, "lambdas": lambdas, "trigger-size": trigger_size,
+             "clean-ratio": clean_ratio, "poison-ratio": poison_ratio, "clean-encoders": clean_encoders,
+             "mi-layers": mi_layers, "adaptive": adaptive, "cost": cost}
+
+
+# ----------------------------------------------------------------- building and writing
+
+def build(study: str, title: str, paper: str, db_path: Path, expected_rows: list[dict],
+          expected_measurements: list[dict], profile: str, seed: int, convention: str = "all") -> StudyReport:
+    """Read the study's rows, check they are complete, and draw its figure and table."""
+    rows = match_rows(read_rows(db_path, study), expected_rows, study, profile, seed) if expected_rows else None
+    meas = match_rows(read_rows(db_path, study, "measurements"), expected_measurements, study, profile, seed) \
+        if expected_measurements else None
+    fig, table, notes = RENDERERS[study](rows, ASR_COLUMNS[convention], meas)
+    fig.suptitle(title if len(title) < 90 else title[:87] + "...", fontsize=10)
+    fig.tight_layout()
+    return StudyReport(study, title, paper, fig, table, notes)
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False, floatfmt=".2f")
+
+
+def write(report: StudyReport, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out_dir / f"{report.name}.png", "svg": out_dir / f"{report.name}.svg"}
+    report.figure.savefig(paths["png"], dpi=130, bbox_inches="tight")
+    report.figure.savefig(paths["svg"], bbox_inches="tight")
+    plt.close(report.figure)
+    paths["md"] = out_dir / f"{report.name}.md"
+    paths["md"].write_text(section(report) + "\n")
+    report.table.to_csv(out_dir / f"{report.name}.csv", index=False, float_format="%.4g")
+    return paths
+
+
+def section(report: StudyReport) -> str:
+    notes = "".join(f"- {n}\n" for n in report.notes)
+    return (f"## {report.name}: {report.title} (paper: {report.paper})\n\n"
+            f"![{report.name}]({report.name}.png)\n\n{_markdown_table(report.table)}\n\n{notes}")
+
+
+def page(sections: list[str], failures: dict[str, str], header: str) -> str:
+    failed = "".join(f"## {name}: not rendered\n\n{message}\n\n" for name, message in failures.items())
+    return header + "\n\n" + "\n".join(sections) + ("\n" + failed if failed else "")
+
