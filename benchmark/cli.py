@@ -250,7 +250,7 @@ def report(name, executor, workers, no_run, asr_convention, out_dir, profile, se
                                     prof.name, prof.seed, asr_convention)
         except ReportError as err:
             failures[study.name] = str(err)
-            click.echo(f"defbench: report {study.name}: {err}", err=True)
+            click.echo(f"defbench: {err}", err=True)  # the message names the study
             continue
         written = ablations.write(built, out_dir)
         sections.append(ablations.section(built))

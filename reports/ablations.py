@@ -50,7 +50,7 @@ def _overrides_json(value) -> str:
 
 def read_rows(db_path: Path, study: str, table: str = "evaluations") -> pd.DataFrame:
     if not Path(db_path).is_file():
-        raise ReportError(f"no results database at {db_path}; run `defbench report {study}` first")
+        raise ReportError(f"report {study}: no results database at {db_path}; run `defbench report {study}` first")
     with sqlite3.connect(db_path) as con:
         try:
             return pd.read_sql_query(f"SELECT * FROM {table} WHERE study = ?", con, params=[study])
