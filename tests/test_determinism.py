@@ -10,7 +10,7 @@ from defbench.benchmark.runner import execute
 from defbench.benchmark.stages import Env
 from defbench.benchmark.store import ArtifactStore
 
-from test_grid import MICRO
+from conftest import MICRO
 
 
 def _run_cell(home):
