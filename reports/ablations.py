@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,7 +341,7 @@ def build(study: str, title: str, paper: str, db_path: Path, expected_rows: list
     meas = match_rows(read_rows(db_path, study, "measurements"), expected_measurements, study, profile, seed) \
         if expected_measurements else None
     fig, table, notes = RENDERERS[study](rows, ASR_COLUMNS[convention], meas)
-    fig.suptitle(title if len(title) < 90 else title[:87] + "...", fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=10)  # wrapped, never cut
     fig.tight_layout()
     return StudyReport(study, title, paper, fig, table, notes)
 
