@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..defenses.mine import StatisticsNetwork, dv_bound
+from ..defenses.mine import StatisticsNetwork, dv_bound, mine_input
 from .badencoder import CI, TINY, BadEncoderConfig, badencoder_loss, train_badencoder
 from .base import AttackInputs, register_attack
 
@@ -45,12 +45,6 @@ class AdaptiveBadEncoderConfig(BadEncoderConfig):
     mi_lr: float = 1e-3
     mi_weight_decay: float = 1e-5
     mi_pool: int = 0  # 0: flattened stage outputs (MIMIC's reference estimator)
-
-
-def _flatten(fmap: torch.Tensor, pool: int) -> torch.Tensor:
-    if pool and fmap.ndim == 4 and (fmap.shape[2] > pool or fmap.shape[3] > pool):
-        fmap = F.adaptive_avg_pool2d(fmap, pool)
-    return fmap.flatten(1).float()
 
 
 class _StagesTap:
@@ -92,7 +86,7 @@ class MIProfileRegulariser:
         for name, fmap in stages.items():
             if name == "feature":
                 continue
-            a = _flatten(fmap[:2 * b], self.cfg.mi_pool)
+            a = mine_input(fmap[:2 * b], self.cfg.mi_pool)  # MIMIC's estimator input
             t_clean, t_trig = self._networks(name, a.shape[1], z.shape[1], a.device)
             pairs = ((t_clean, a[:b], z[:b]), (t_trig, a[b:], z[b:]))
             ascent = sum(-dv_bound(*net.joint_and_marginal(ai.detach(), zi.detach(), perm)) for net, ai, zi in pairs)

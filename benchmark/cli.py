@@ -259,7 +259,7 @@ def report(name, executor, workers, no_run, asr_convention, out_dir, profile, se
         header = (f"# The paper's studies, profile {prof.name}, seed {prof.seed}\n\n"
                   f"Rendered by `defbench report all --profile {prof.name}` from the results database; "
                   f"ASR convention: {ablations.ASR_NOTE[asr_convention]}. All numbers in %, times in seconds.")
-        (out_dir / "ablations.md").parent.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "ablations.md").write_text(ablations.page(sections, failures, header))
         click.echo(f"wrote {out_dir / 'ablations.md'}")
     if failures:

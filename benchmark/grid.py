@@ -148,9 +148,7 @@ def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: in
             for stage in sched.ready():
                 sched.bar.set_description(f"grid: {stage.label}"[:60])
                 sched.finish(_safe_run(stage, env))
-        record_rows(stages, env)
-        return sched.close()
-    if executor == "local":
+    elif executor == "local":
         _run_pool(sched, env, workers)
     elif executor in ("submitit", "submitit-local"):
         _run_submitit(sched, env, workers, executor == "submitit-local",

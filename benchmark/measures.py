@@ -5,8 +5,8 @@ name; its stage is ``Stage("measure", name, spec, (encoder stage,))``. The
 returned dict is kept in the artifact and, with the stage's labels, as a row
 of the ``measurements`` table of the results database.
 
-- ``stage-mi``: MIMIC's estimator (MINE, ``defenses/mine.py``, with the
-  profile's MIMIC settings) of I(stage output; feature) for every stage of an
+- ``stage-mi``: MIMIC's estimator (``estimate_stage_mi``, with the
+  profile's MIMIC MI settings) of I(stage output; feature) for every stage of an
   encoder, once on the defender's clean images and once on the same images
   stamped with the attack's trigger (the paper's Figure 4).
 """
@@ -16,11 +16,8 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ..attacks import trigger_from_description
-from ..defenses.mimic import stage_table
-from ..defenses.mine import MINEConfig, estimate_mi
+from ..defenses.mimic import MIMICConfig, estimate_stage_mi
 from ..encoders import RunContext
 from .datasets.base import unknown_name_message
 from .profiles import canonical_json
@@ -48,15 +45,10 @@ def stage_mi(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     images, _ = clean_subset(env, s["clean"])
     trigger = trigger_from_description(s["trigger"])
-    cfg = MINEConfig(**s["mine"])
-    result: dict[str, dict[str, float]] = {}
+    cfg = MIMICConfig(**s["mimic_mi"])
+    result = {}
     for inputs, batch in (("clean", images), ("triggered", trigger.apply(images))):
-        table, feature = stage_table(encoder, batch, ctx.device, s["pool"])
-        result[inputs] = {}
-        for i, (layer, a) in enumerate(table.items()):
-            gen = torch.Generator().manual_seed(ctx.seed * 1009 + i + 1)  # the same batches for both inputs
-            est = estimate_mi(a, feature, cfg, generator=gen, progress=ctx.progress, desc=f"mine {inputs} {layer}")
-            result[inputs][layer] = est.mi
+        result[inputs] = {layer: est["mi"] for layer, est in estimate_stage_mi(encoder, batch, cfg, ctx, inputs).items()}
     ctx.record("mi", result)
     return {"mi": result, "n_images": len(images)}
 

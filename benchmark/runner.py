@@ -63,10 +63,11 @@ def record_row(stage: Stage, env: Env) -> None:
 
 
 def record_rows(stages: list[Stage], env: Env) -> None:
-    """Rows for every finished stage of ``stages``, including those that share a key with another
-    stage (``expand`` runs a key once, but each labelling -- a grid column, a study arm -- is a row)."""
+    """Rows for the stages that ``expand`` dropped because another stage has their key: the key ran once
+    (and ``run_one`` wrote that stage's row), but each labelling -- a grid column, a study arm -- is a row."""
+    ran = {id(stage) for stage in expand(stages)}
     for stage in stages:
-        if stage.kind in ("evaluate", "measure") and env.store.exists(stage.kind, stage.key):
+        if id(stage) not in ran and stage.kind in ("evaluate", "measure") and env.store.exists(stage.kind, stage.key):
             record_row(stage, env)
 
 

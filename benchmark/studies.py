@@ -15,6 +15,7 @@ is the profile's ``[studies]`` section.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
@@ -150,10 +151,8 @@ def _measure_stage(prof: Profile, arm: Arm, attack: str, pretrain: str, task: st
     mimic = prof.defense_config("mimic")
     spec = {"measure": arm.measure, "trigger": suspect.spec["trigger"],
             "clean": clean_set_spec(prof, pretrain),
-            "mine": {"epochs": mimic.mi_epochs, "batch_size": mimic.mi_batch_size, "lr": mimic.mi_lr,
-                     "weight_decay": mimic.mi_weight_decay, "hidden": mimic.mi_hidden, "last": mimic.mi_last,
-                     "eval_pass": mimic.mi_eval_pass},
-            "pool": mimic.mi_pool, "seed": prof.seed}
+            "mimic_mi": {k: v for k, v in dataclasses.asdict(mimic).items() if k.startswith("mi_") and k != "mi_source"},
+            "seed": prof.seed}
     role = "clean" if arm.on_clean_encoder else "undefended"
     labels = {"profile": prof.name, "overrides": prof.overrides, "seed": prof.seed, "attack": attack,
               "pretrain": pretrain, "downstream": task, "role": role, "defense": "none",

@@ -106,7 +106,7 @@ from ..encoders import Encoder, RunContext, frozen_copy, to_float
 from ..encoders.augment import SimCLRAugment
 from .base import CleanData, register_defense
 from .losses import attention_loss, nt_xent
-from .mine import MINEConfig, estimate_mi
+from .mine import MINEConfig, estimate_mi, mine_input
 
 
 @dataclass
@@ -171,23 +171,22 @@ def stage_table(encoder: Encoder, images: torch.Tensor, device, pool: int = 0,
     for chunk in images.split(batch_size):
         out = encoder.stages(to_float(chunk, device))
         for name in stages:
-            fmap = out[name]
-            if pool and fmap.ndim == 4 and (fmap.shape[2] > pool or fmap.shape[3] > pool):
-                fmap = F.adaptive_avg_pool2d(fmap, pool)
-            stages[name].append(fmap.flatten(1).float())
+            stages[name].append(mine_input(out[name], pool))
         feats.append(F.normalize(out["feature"].float(), dim=1))
     encoder.train(was_training)
     return {k: torch.cat(v) for k, v in stages.items()}, torch.cat(feats)
 
 
 def estimate_stage_mi(encoder: Encoder, images: torch.Tensor, cfg: MIMICConfig,
-                      ctx: RunContext) -> dict[str, dict]:
-    """MINE estimate of I(stage output; feature) for every stage: {layer: {"mi", "raw", "history"}}."""
+                      ctx: RunContext, tag: str = "") -> dict[str, dict]:
+    """MINE estimate of I(stage output; feature) for every stage: {layer: {"mi", "raw", "history"}}.
+    Layer i's MINE batches come from the same seed on every call (e.g. clean and triggered images)."""
     table, feature = stage_table(encoder, images, ctx.device, cfg.mi_pool)
     out = {}
     for i, (name, a) in enumerate(table.items()):
         gen = torch.Generator().manual_seed(ctx.seed * 1009 + i + 1)
-        res = estimate_mi(a, feature, cfg.mine(), generator=gen, progress=ctx.progress, desc=f"mine {name}")
+        res = estimate_mi(a, feature, cfg.mine(), generator=gen, progress=ctx.progress,
+                          desc=f"mine {tag} {name}".replace("  ", " "))
         out[name] = {"mi": res.mi, "raw": res.raw, "history": res.history}
         ctx.logger.debug("mimic: MI(%s; feature) = %.4f (raw %.4f, input %d-d)", name, res.mi, res.raw, a.shape[1])
     return out

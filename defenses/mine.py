@@ -48,6 +48,14 @@ from torch import nn
 __all__ = ["MINEConfig", "MINEResult", "StatisticsNetwork", "dv_bound", "estimate_mi"]
 
 
+def mine_input(fmap: torch.Tensor, pool: int = 0) -> torch.Tensor:
+    """A stage output as MINE's input: flattened (the reference), or first average-pooled to
+    ``pool x pool`` when ``pool`` > 0 and the map is larger."""
+    if pool and fmap.ndim == 4 and (fmap.shape[2] > pool or fmap.shape[3] > pool):
+        fmap = F.adaptive_avg_pool2d(fmap, pool)
+    return fmap.flatten(1).float()
+
+
 @dataclass
 class MINEConfig:
     epochs: int = 200
