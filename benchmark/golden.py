@@ -16,8 +16,10 @@ number by less than swapping the seed does passes; anything larger fails and
 is listed. The golden value itself is the first seed's. The subset always runs
 with ``THREADS`` intra-op threads: the same seed with 1 and 2 threads already
 differs by up to 16 points of ACC at this scale (measured when the file was
-first written). The file was last rewritten after the BadEncoder references
-and the synthetic generator changed (seeds 0-2 at 2 threads, 26 min here).
+first written). Stage seeds do not depend on code versions, so a refactor that
+changes no numerics reproduces the golden values exactly (before that, every
+edit of a module re-drew its seeds and could fail here on noise alone). The
+file was last rewritten when that seeding changed (seeds 0-2 at 2 threads).
 """
 from __future__ import annotations
 

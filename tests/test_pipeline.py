@@ -171,6 +171,19 @@ def test_poison_ratio_stamps_that_share_of_the_defenders_clean_set(ci_env, ci_st
     assert stage.key != defend_stage(load_profile("ci"), "ft", ci_stages[1], PRETRAIN).key
 
 
+def test_editing_a_module_reruns_its_stages_with_the_same_seed(ci_profile):
+    """A refactor gets a fresh artifact but the same random numbers, so equal code gives equal numbers."""
+    stages = cell_stages(ci_profile, "badencoder", "mimic", PRETRAIN, TASK)
+    defend, evaluate = stages["defended"].deps[0], stages["defended"]
+    before = {s: (s.key, s.seed()) for s in (defend, evaluate)}
+    for stage in before:
+        stage.__dict__.pop("key"), stage.__dict__.pop("seed_identity")
+    defend.__dict__["code"] = "edited-code"
+    for stage, (key, seed) in before.items():
+        assert stage.key != key and stage.seed() == seed
+    assert len({s.seed() for s in stages.values()}) == len(stages)  # stages still draw different numbers
+
+
 def test_defenses_can_be_applied_to_the_clean_encoder(ci_profile):
     from defbench.benchmark.plan import clean_encoder_stages
     stages = clean_encoder_stages(ci_profile, "badencoder", "ft", PRETRAIN, TASK)
