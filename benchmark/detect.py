@@ -32,7 +32,8 @@ DRUPE                                       0.0291       0.0306
 Re-measured on the current tiny encoders (synthetic generator v4, BadEncoder
 with central references; tiny settings): clean SimCLR 0.0577 -> "clean",
 BadEncoder 0.0359 -> "backdoored". The other rows are from the previous
-encoders.
+encoders. All tiny values predate the code-free stage seeding (which re-drew
+every stage's seed); they have not been re-measured on its encoders yet.
 
 ``tiny`` uses 0.055: below the clean encoder on its own pre-training data,
 above both attacks (with a thin margin on the clean side: 0.0577). The separation on these small synthetic encoders is a
@@ -41,20 +42,24 @@ encoders (clean PL1 well above 0.1), and an encoder inverted on images from
 another distribution (second row) can fall below it: pass the encoder's own
 pre-training data with ``--data``.
 
-``ci`` uses 0.045, placed for the ``ci`` profile's briefly trained encoders
-(``tests/test_defense_decree.py`` checks the seed-0 pair on every run).
-Measured over the ci profile's seeds 0, 1, 2 (BadEncoder/DRUPE targeting the
-STL-10-like task; ``defbench detect --profile ci``, default images):
+``ci`` uses 0.09, placed for the ``ci`` profile's briefly trained encoders
+(``tests/test_defense_decree.py`` checks the seed-0 pair on every run):
+between the largest PL1 of an attacked encoder and the smallest of a clean
+one over the ci profile's seeds 0, 1, 2 (BadEncoder/DRUPE targeting the
+STL-10-like task; ``defbench detect --profile ci``, default images; encoders
+of the current code-free stage seeding):
 
 ==============================  ========  ========  ========
 encoder, ci profile             seed 0    seed 1    seed 2
 ==============================  ========  ========  ========
-clean SimCLR, synth-cifar10     0.0649    0.0783    0.2083
-BadEncoder                      0.0243    0.0110    0.0268
-DRUPE                           0.0000    0.0492    0.0000
+clean SimCLR, synth-cifar10     0.1318    0.1010    0.1111
+BadEncoder                      0.0780    0.0754    0.0440
+DRUPE                           0.0707    0.0775    0.0503
 ==============================  ========  ========  ========
 
-DRUPE, built to evade DECREE, lands above the threshold on one seed in three.
+The margin is thin (0.078 vs 0.101), and the previous seeding's encoders gave
+a different spread (clean 0.065-0.208, attacked 0.000-0.049): at this scale
+the absolute PL1 moves with the seed, so a ci verdict says little on its own.
 ``paper`` keeps 0.12.
 """
 from __future__ import annotations
