@@ -36,8 +36,8 @@ encoders. All tiny values predate the code-free stage seeding (which re-drew
 every stage's seed); they have not been re-measured on its encoders yet.
 
 ``tiny`` uses 0.055: below the clean encoder on its own pre-training data,
-above both attacks (with a thin margin on the clean side: 0.0577). The separation on these small synthetic encoders is a
-factor of about two, much narrower than DECREE reports on real CIFAR-10
+above both attacks (a thin margin on the clean side: 0.0577). The separation
+on these small synthetic encoders is a factor of about two, much narrower than DECREE reports on real CIFAR-10
 encoders (clean PL1 well above 0.1), and an encoder inverted on images from
 another distribution (second row) can fall below it: pass the encoder's own
 pre-training data with ``--data``.

@@ -74,6 +74,10 @@ def code_version(*module_names: str) -> str:
 
 # ----------------------------------------------------------------- stages
 
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:24]
+
+
 @dataclass(eq=False)
 class Stage:
     kind: str
@@ -98,16 +102,14 @@ class Stage:
 
     @cached_property
     def key(self) -> str:
-        payload = {"kind": self.kind, "name": self.name, "spec": self.spec,
-                   "deps": [d.key for d in self.deps], "code": self.code, "seeding": SEEDING}
-        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:24]
+        return _digest({"kind": self.kind, "name": self.name, "spec": self.spec,
+                        "deps": [d.key for d in self.deps], "code": self.code, "seeding": SEEDING})
 
     @cached_property
     def seed_identity(self) -> str:
         """The key without code versions: what the stage computes, not how its code is written."""
-        payload = {"kind": self.kind, "name": self.name, "spec": self.spec,
-                   "deps": [d.seed_identity for d in self.deps]}
-        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:24]
+        return _digest({"kind": self.kind, "name": self.name, "spec": self.spec,
+                        "deps": [d.seed_identity for d in self.deps]})
 
     @property
     def label(self) -> str:

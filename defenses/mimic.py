@@ -186,7 +186,7 @@ def estimate_stage_mi(encoder: Encoder, images: torch.Tensor, cfg: MIMICConfig,
     for i, (name, a) in enumerate(table.items()):
         gen = torch.Generator().manual_seed(ctx.seed * 1009 + i + 1)
         res = estimate_mi(a, feature, cfg.mine(), generator=gen, progress=ctx.progress,
-                          desc=f"mine {tag} {name}".replace("  ", " "))
+                          desc=" ".join(filter(None, ("mine", tag, name))))
         out[name] = {"mi": res.mi, "raw": res.raw, "history": res.history}
         ctx.logger.debug("mimic: MI(%s; feature) = %.4f (raw %.4f, input %d-d)", name, res.mi, res.raw, a.shape[1])
     return out
