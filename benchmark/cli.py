@@ -18,7 +18,7 @@ from ..encoders.registry import RegistryError
 from ..reports.tables import ReportError
 from . import paths
 from .datasets import DATASETS, DatasetError, load_dataset
-from .plan import downstream_tasks
+from .plan import downstream_tasks, planned_evaluation_key
 from .profiles import ConfigError, builtin_profiles, load_profile, parse_sets, valid_keys
 from .results import ResultsDB
 from .store import ArtifactStore
@@ -189,19 +189,22 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
     """Render Table I (or the defense cost table) from the results database."""
     from ..reports import tables
     overrides = parse_sets(sets)
+    if seed is not None:  # as `grid --seed` records it
+        overrides["seed"] = seed
     prof = load_profile(profile, overrides)
-    rows = tables.read_evaluations(paths.results_db(), prof.name, prof.seed if seed is None else seed,
-                                   prof.overrides)
+    rows, stale = tables.read_evaluations(paths.results_db(), prof.name, prof.seed, prof.overrides,
+                                          functools.partial(planned_evaluation_key, prof))
+    notes = [tables.stale_note(stale, prof.name)] if stale else []
     if name == "cost":
-        text = tables.cost_table(rows).to_markdown(floatfmt=".1f") if fmt == "md" else \
-            tables.cost_table(rows).to_csv(float_format="%.1f") if fmt == "csv" else \
-            tables.cost_table(rows).to_latex(float_format="%.1f")
+        cost = tables.cost_table(rows)
+        text = cost.to_markdown(floatfmt=".1f") + "".join(f"\n\n- {n}" for n in notes) + "\n" if fmt == "md" else \
+            cost.to_csv(float_format="%.1f") if fmt == "csv" else cost.to_latex(float_format="%.1f")
     else:
         columns = _names(defenses) or list(prof.grid.defenses) + sorted(
             set(rows[rows.role == "defended"].defense) - set(prof.grid.defenses))
-        frame, notes = tables.table1(rows, columns, asr_convention, compare_paper)
+        frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
         title = f"Table I, profile {prof.name}, seed {prof.seed}: ACC / ASR (%)"
-        text = tables.render(frame, columns, fmt, notes, title)
+        text = tables.render(frame, columns, fmt, table_notes + notes, title)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text)

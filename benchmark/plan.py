@@ -116,3 +116,14 @@ def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, down
         stages["defended"] = evaluate_stage(profile, defended, downstream, trigger, target,
                                             role="defended", defense=defense, **common)
     return stages
+
+
+def planned_evaluation_key(profile: Profile, attack: str, defense: str, role: str, pretrain: str,
+                           downstream: str) -> str | None:
+    """The key today's code and ``profile`` give the evaluate stage of one Table I row (clean, undefended,
+    defended); None when the row's attack or defense is no longer registered, or the role is not a cell's."""
+    try:
+        stage = cell_stages(profile, attack, defense, pretrain, downstream).get(role)
+        return stage.key if stage is not None else None
+    except KeyError:  # an unregistered attack/defense (e.g. an uninstalled plugin)
+        return None

@@ -60,21 +60,27 @@ def read_rows(db_path: Path, study: str, table: str = "evaluations") -> pd.DataF
 
 
 def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seed: int) -> pd.DataFrame:
-    """The newest row for every expected (arm, role, defense, task, attack, overrides); all must be there."""
+    """The newest row for every expected (arm, role, defense, task, attack, overrides) whose stage key is the
+    one today's code and settings give it (a row of an older code version is stale); all must be there."""
     want = pd.DataFrame(expected)
     want["overrides"] = want["overrides"].map(_overrides_json)
+    stale = 0
     if len(rows):
         rows = rows[(rows.profile == profile) & (rows.seed == seed)]
-        rows = rows.sort_values("created_at").drop_duplicates(MATCH_KEYS, keep="last")
-        merged = want.merge(rows, on=MATCH_KEYS, how="left", indicator=True)
+        rows = rows.assign(key=rows["eval_key"] if "eval_key" in rows else rows["stage_key"])
+        current = rows.key.isin(want.key)
+        stale = int(rows[~current].drop_duplicates(MATCH_KEYS).merge(want[MATCH_KEYS], on=MATCH_KEYS).shape[0])
+        rows = rows[current].sort_values("created_at").drop_duplicates([*MATCH_KEYS, "key"], keep="last")
+        merged = want.merge(rows, on=[*MATCH_KEYS, "key"], how="left", indicator=True)
     else:
         merged = want.assign(_merge="left_only")
     missing = merged[merged._merge == "left_only"]
     if len(missing):
         first = missing.iloc[0]
+        older = f", {stale} of them only from an older code version or settings" if stale else ""
         raise ReportError(
-            f"report {study}: {len(missing)} of {len(want)} results missing for profile {profile}, seed {seed} "
-            f"(first: arm {first.arm!r}, {first.role} {first.defense} on {first.downstream}); "
+            f"report {study}: {len(missing)} of {len(want)} results missing for profile {profile}, seed {seed}"
+            f"{older} (first: arm {first.arm!r}, {first.role} {first.defense} on {first.downstream}); "
             f"compute them with `defbench report {study} --profile {profile}`")
     return merged.drop(columns="_merge")
 

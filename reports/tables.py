@@ -26,7 +26,9 @@ class ReportError(ValueError):
 
 
 def read_evaluations(db_path: str | Path, profile: str, seed: int | None = None,
-                     overrides: dict | None = None) -> pd.DataFrame:
+                     overrides: dict | None = None, planned_key=None) -> tuple[pd.DataFrame, int]:
+    """The newest row per (attack, defense, role, pretrain, downstream) of one profile/seed/overrides, and
+    how many rows :func:`current_rows` left out as stale (when ``planned_key`` is given)."""
     db_path = Path(db_path)
     if not db_path.is_file():
         raise ReportError(f"no results database at {db_path}; run `defbench grid --profile {profile}` first")
@@ -36,8 +38,35 @@ def read_evaluations(db_path: str | Path, profile: str, seed: int | None = None,
         rows = rows[rows.seed == seed]
     wanted = json.dumps(dict(sorted((overrides or {}).items())), sort_keys=True)
     rows = rows[rows.overrides.fillna("{}") == wanted]
+    left_out = 0
+    if planned_key is not None:
+        rows, left_out = current_rows(rows, planned_key)
     return rows.sort_values("created_at").drop_duplicates(
-        ["attack", "defense", "role", "pretrain", "downstream"], keep="last")
+        ["attack", "defense", "role", "pretrain", "downstream"], keep="last"), left_out
+
+
+def current_rows(rows: pd.DataFrame, planned_key) -> tuple[pd.DataFrame, int]:
+    """Only the rows that today's code and settings would produce: a row is kept when its ``eval_key`` is
+    ``planned_key(attack, defense, role, pretrain, downstream)``. Rows left by an older code version (or an
+    unregistered component) would otherwise stand in for results nobody recomputed. Returns the kept rows
+    and how many were left out."""
+    if rows.empty:
+        return rows, 0
+    cache: dict[tuple, str | None] = {}
+
+    def is_current(row) -> bool:
+        cell = (row.attack, row.defense, row.role, row.pretrain, row.downstream)
+        if cell not in cache:
+            cache[cell] = planned_key(*cell)
+        return row.eval_key == cache[cell]
+
+    keep = rows.apply(is_current, axis=1).astype(bool)
+    return rows[keep], int((~keep).sum())
+
+
+def stale_note(left_out: int, profile: str) -> str:
+    return (f"{left_out} result(s) in the database come from an older code version or settings and are left "
+            f"out; `defbench grid --profile {profile}` recomputes them.")
 
 
 def paper_table() -> pd.DataFrame:

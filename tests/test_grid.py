@@ -84,3 +84,25 @@ def test_submitit_local_executor_with_two_workers_matches(reference, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _table(home) == expected
     assert list((home / "submitit").glob("*_result.pkl")) or list((home / "submitit").iterdir())
+
+
+def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
+    """A row whose stage key is not the one today's code gives (an older version of a defense) never
+    stands in for a cell, even when it is the newest row for that cell."""
+    import shutil
+    import sqlite3
+    home, expected = reference
+    copy = tmp_path / "home"
+    copy.mkdir()
+    shutil.copy(home / "results.sqlite", copy / "results.sqlite")
+    with sqlite3.connect(copy / "results.sqlite") as con:
+        con.execute("CREATE TEMP TABLE old AS SELECT * FROM evaluations WHERE role = 'defended' AND defense = 'fp' "
+                    "AND downstream = 'synth-stl10'")
+        assert con.execute("SELECT count(*) FROM old").fetchone()[0] == 1
+        con.execute("UPDATE old SET row_key = 'stale', eval_key = 'from-an-older-fp', acc = 12.345, "
+                    "created_at = '2999-01-01T00:00:00'")
+        con.execute("INSERT INTO evaluations SELECT * FROM old")
+    table = _table(copy)
+    assert table == expected and "12.35" not in table
+    md = _cli(copy, "table", "table1", "--profile", "ci", "--format", "md")
+    assert "1 result(s) in the database come from an older code version" in md.stdout, md.stdout + md.stderr

@@ -126,6 +126,20 @@ def test_a_missing_result_is_an_error_that_says_how_to_compute_it(tmp_path):
         _build("poison-ratio", tmp_path / "nowhere.sqlite", plan)
 
 
+def test_rows_of_an_older_code_version_are_stale_not_results(tmp_path):
+    plan = plan_study("poison-ratio", "ci")
+    db = ResultsDB(tmp_path / "results.sqlite")
+    written = _fill(db, plan, np.random.default_rng(0), skip=3)
+    stage = plan.evaluations[3]
+    lab = stage.labels
+    older = {**next(iter(written.values())), "row_key": "older", "eval_key": "an-older-key",
+             **{k: lab.get(k) for k in ("arm", "role", "defense", "attack", "overrides", "study", "sweep", "x")},
+             "downstream": stage.spec["downstream"]}
+    db.add_evaluation(older)
+    with pytest.raises(ReportError, match=r"1 of \d+ results missing.*1 of them only from an older code version"):
+        _build("poison-ratio", db.path, plan)
+
+
 def test_fit_exponent_recovers_a_power_law():
     sizes = np.array([200, 600, 1000])
     assert ablations.fit_exponent(sizes, 3.0 * sizes ** 0.8) == pytest.approx(0.8)
