@@ -74,6 +74,11 @@ def test_detect_cli_separates_clean_and_backdoored(clean_encoder, backdoored, tm
                    "--set", "defense.decree.inv_max_steps=3")
     assert text.exit_code == 0, text.output
     assert "PL1" in text.output and "verdict:" in text.output
+    quick = _detect("--encoder", str(tmp_path / "backdoored.pt"), "--device", "cpu", "--images", "64",
+                    "--set", "defense.decree.inv_max_steps=20", "--restarts", "3", "--json")
+    result = json.loads(quick.output)
+    assert len(result["restarts"]) == 3 and len(set(result["restarts"])) > 1, result  # different starts
+    assert round(result["pl1"], 4) == min(result["restarts"]), result
 
 
 class _Payload:
