@@ -126,6 +126,20 @@ class _Scheduler:
         self.pending = still
         return out
 
+    def next_ready(self) -> Stage | None:
+        """The first pending stage (in ``expand`` order) whose inputs are done, or None: run one at a time,
+        a cell is evaluated as soon as its encoder exists, so a stopped grid leaves finished cells."""
+        i = 0
+        while i < len(self.pending):  # users come after their inputs, so a skip never reaches back
+            deps = [self.done.get(d.key) for d in self.pending[i].deps]
+            if any(o is not None and o.status in ("failed", "skipped") for o in deps):
+                self.finish(Outcome(self.pending.pop(i), "skipped", error="an input stage failed"))
+            elif all(o is not None for o in deps):
+                return self.pending.pop(i)
+            else:
+                i += 1
+        return None
+
     def finish(self, outcome: Outcome) -> None:
         self.done[outcome.stage.key] = outcome
         self.bar.update(1)
@@ -144,10 +158,9 @@ def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: in
     show = progress_enabled() if show_progress is None else show_progress
     sched = _Scheduler(stages, show)
     if executor == "local" and workers <= 1:
-        while sched.pending:
-            for stage in sched.ready():
-                sched.bar.set_description(f"grid: {stage.label}"[:60])
-                sched.finish(_safe_run(stage, env))
+        while (stage := sched.next_ready()) is not None:
+            sched.bar.set_description(f"grid: {stage.label}"[:60])
+            sched.finish(_safe_run(stage, env))
     elif executor == "local":
         _run_pool(sched, env, workers)
     elif executor in ("submitit", "submitit-local"):

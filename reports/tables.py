@@ -185,5 +185,6 @@ def cost_table(rows: pd.DataFrame) -> pd.DataFrame:
     if defended.empty:
         raise ReportError("no defended evaluations for this profile in the results database")
     cost = defended.groupby("defense").encoder_seconds.agg(["count", "mean", "median", "min", "max"])
-    return cost.rename(columns={"count": "cells", "mean": "mean s", "median": "median s", "min": "min s",
+    cost = cost.rename(columns={"count": "cells", "mean": "mean s", "median": "median s", "min": "min s",
                                 "max": "max s"}).sort_values("mean s")
+    return cost.astype({"cells": int})

@@ -106,3 +106,27 @@ def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
     assert table == expected and "12.35" not in table
     md = _cli(copy, "table", "table1", "--profile", "ci", "--format", "md")
     assert "1 result(s) in the database come from an older code version" in md.stdout, md.stdout + md.stderr
+
+
+def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds():
+    """The scheduler alone (no stage runs): a cell's evaluation comes right after its encoder, not after
+    every defense of the grid, so a stopped grid leaves whole cells; a failed stage skips its users only."""
+    from defbench.benchmark.grid import GridSpec, _Scheduler, expand_grid
+    from defbench.benchmark.profiles import load_profile
+    from defbench.benchmark.runner import Outcome
+    prof = load_profile("ci")
+    cells = expand_grid(prof, GridSpec(["badencoder"], ["ft", "fp"], ["synth-cifar10"], ["synth-stl10"]))
+    sched = _Scheduler(list(cells.values()), show_progress=False)
+    order = []
+    while (stage := sched.next_ready()) is not None:
+        order.append(stage)
+        failed = stage.kind == "defend" and stage.name == "ft"
+        sched.finish(Outcome(stage, "failed" if failed else "ran"))
+    kinds = [(s.kind, s.name) for s in order]
+    assert kinds.index(("evaluate", "synth-stl10")) < kinds.index(("defend", "fp"))
+    fp_eval = cells[("badencoder", "fp", "synth-cifar10", "synth-stl10")]
+    ft_eval = cells[("badencoder", "ft", "synth-cifar10", "synth-stl10")]
+    assert order.index(fp_eval) == order.index(fp_eval.deps[0]) + 1  # evaluated right after it was defended
+    status = {o.stage.key: o.status for o in sched.close()}
+    assert status[ft_eval.key] == "skipped" and status[fp_eval.key] == "ran"
+    assert len(status) == sched.total and not sched.pending
