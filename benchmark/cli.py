@@ -196,9 +196,7 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
                                           functools.partial(planned_evaluation_key, prof))
     notes = [tables.stale_note(stale, prof.name)] if stale else []
     if name == "cost":
-        cost = tables.cost_table(rows)
-        text = cost.to_markdown(floatfmt=("", ".0f") + (".1f",) * 4) + "".join(f"\n\n- {n}" for n in notes) + "\n" if fmt == "md" else \
-            cost.to_csv(float_format="%.1f") if fmt == "csv" else cost.to_latex(float_format="%.1f")
+        text = tables.render_cost(tables.cost_table(rows), fmt, notes)
     else:
         columns = _names(defenses) or list(prof.grid.defenses) + sorted(
             set(rows[rows.role == "defended"].defense) - set(prof.grid.defenses))

@@ -113,16 +113,22 @@ class _Scheduler:
         self.bar = tqdm(total=self.total, desc="grid", unit="stage", disable=not show_progress,
                         dynamic_ncols=True)
 
+    def _inputs(self, stage: Stage) -> str:
+        """"failed" (an input failed or was skipped), "done" (every input finished) or "waiting"."""
+        deps = [self.done.get(d.key) for d in stage.deps]
+        if any(o is not None and o.status in ("failed", "skipped") for o in deps):
+            return "failed"
+        return "done" if all(o is not None for o in deps) else "waiting"
+
     def ready(self) -> list[Stage]:
+        """Every pending stage whose inputs are done (for the parallel executors); skips the doomed ones."""
         out, still = [], []
         for stage in self.pending:
-            deps = [self.done.get(d.key) for d in stage.deps]
-            if any(o is not None and o.status in ("failed", "skipped") for o in deps):
+            state = self._inputs(stage)
+            if state == "failed":
                 self.finish(Outcome(stage, "skipped", error="an input stage failed"))
-            elif all(o is not None for o in deps):
-                out.append(stage)
             else:
-                still.append(stage)
+                (out if state == "done" else still).append(stage)
         self.pending = still
         return out
 
@@ -131,10 +137,10 @@ class _Scheduler:
         a cell is evaluated as soon as its encoder exists, so a stopped grid leaves finished cells."""
         i = 0
         while i < len(self.pending):  # users come after their inputs, so a skip never reaches back
-            deps = [self.done.get(d.key) for d in self.pending[i].deps]
-            if any(o is not None and o.status in ("failed", "skipped") for o in deps):
+            state = self._inputs(self.pending[i])
+            if state == "failed":
                 self.finish(Outcome(self.pending.pop(i), "skipped", error="an input stage failed"))
-            elif all(o is not None for o in deps):
+            elif state == "done":
                 return self.pending.pop(i)
             else:
                 i += 1

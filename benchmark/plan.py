@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..attacks import ATTACKS
+from ..encoders.registry import RegistryError
 from .datasets import FAMILIES, data_version, get_spec
 from .profiles import Profile
 from .stages import Stage
@@ -125,5 +126,5 @@ def planned_evaluation_key(profile: Profile, attack: str, defense: str, role: st
     try:
         stage = cell_stages(profile, attack, defense, pretrain, downstream).get(role)
         return stage.key if stage is not None else None
-    except KeyError:  # an unregistered attack/defense (e.g. an uninstalled plugin)
+    except RegistryError:  # an unregistered attack/defense (e.g. an uninstalled plugin)
         return None

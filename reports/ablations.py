@@ -64,12 +64,12 @@ def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: st
     one today's code and settings give it (a row of an older code version is stale); all must be there."""
     want = pd.DataFrame(expected)
     want["overrides"] = want["overrides"].map(_overrides_json)
-    stale = 0
+    stale = pd.DataFrame(columns=MATCH_KEYS)
     if len(rows):
         rows = rows[(rows.profile == profile) & (rows.seed == seed)]
         rows = rows.assign(key=rows["eval_key"] if "eval_key" in rows else rows["stage_key"])
         current = rows.key.isin(want.key)
-        stale = int(rows[~current].drop_duplicates(MATCH_KEYS).merge(want[MATCH_KEYS], on=MATCH_KEYS).shape[0])
+        stale = rows[~current][MATCH_KEYS].drop_duplicates()
         rows = rows[current].sort_values("created_at").drop_duplicates([*MATCH_KEYS, "key"], keep="last")
         merged = want.merge(rows, on=[*MATCH_KEYS, "key"], how="left", indicator=True)
     else:
@@ -77,7 +77,8 @@ def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: st
     missing = merged[merged._merge == "left_only"]
     if len(missing):
         first = missing.iloc[0]
-        older = f", {stale} of them only from an older code version or settings" if stale else ""
+        n_stale = len(missing[MATCH_KEYS].merge(stale, on=MATCH_KEYS))  # missing, but an older version is there
+        older = f", {n_stale} of them only from an older code version or settings" if n_stale else ""
         raise ReportError(
             f"report {study}: {len(missing)} of {len(want)} results missing for profile {profile}, seed {seed}"
             f"{older} (first: arm {first.arm!r}, {first.role} {first.defense} on {first.downstream}); "

@@ -179,6 +179,14 @@ def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str],
     raise ReportError(f"unknown format {fmt!r}; use md, latex or csv")
 
 
+def render_cost(cost: pd.DataFrame, fmt: str, notes: list[str]) -> str:
+    if fmt == "md":
+        return cost.to_markdown(floatfmt=("", ".0f") + (".1f",) * 4) + "".join(f"\n\n- {n}" for n in notes) + "\n"
+    if fmt == "csv":
+        return cost.to_csv(float_format="%.1f")
+    return cost.to_latex(float_format="%.1f")
+
+
 def cost_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Wall time of each defense per cell (seconds), from the defended rows."""
     defended = rows[rows.role == "defended"].drop_duplicates("encoder_key")
