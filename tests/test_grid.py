@@ -1,4 +1,5 @@
 """The grid: resumable after SIGKILL, the same table from every executor."""
+import io
 import os
 import signal
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import MICRO
@@ -84,6 +86,23 @@ def test_submitit_local_executor_with_two_workers_matches(reference, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _table(home) == expected
     assert list((home / "submitit").glob("*_result.pkl")) or list((home / "submitit").iterdir())
+
+
+def test_further_attacks_run_in_the_grid_and_add_row_groups_to_table1(tmp_path):
+    """CTRL (poisoned pre-training) and DRUPE (fine-tunes the clean encoder) go through the grid like the
+    paper's two attacks, and Table I gets one row group (cells + Average) per attack."""
+    home = tmp_path / "home"
+    drupe = [x for s in ("epochs=1", "shadow_images=128", "batch_size=64") for x in ("--set", f"attack.drupe.{s}")]
+    proc = _cli(home, "grid", "--profile", "ci", "--attacks", "ctrl,drupe", "--defenses", "ft",
+                "--pretrain", "synth-cifar10", "--downstream", "synth-stl10", *drupe)
+    assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr
+    table = _cli(home, "table", "table1", "--profile", "ci", "--format", "csv", *drupe)
+    assert table.returncode == 0, table.stderr
+    frame = pd.read_csv(io.StringIO(table.stdout))
+    assert sorted(set(frame.attack)) == ["ctrl", "drupe"], table.stdout
+    for _, group in frame.groupby("attack"):
+        assert list(group.pretrain) == ["synth-cifar10", "Average"], table.stdout
+        assert group[["undefended_acc", "undefended_asr", "ft_acc", "ft_asr"]].notna().all().all(), table.stdout
 
 
 def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
