@@ -263,7 +263,7 @@ def run_stage(stage: Stage, env: Env) -> dict:
     started = time.perf_counter()
     meta = {"name": stage.name, "spec": stage.spec, "deps": [d.key for d in stage.deps],
             "code_version": stage.code, "device": str(env.device), "labels": stage.labels,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
     with env.store.writing(stage.kind, stage.key, meta) as out:
         result = RUNNERS[stage.kind](stage, env, ctx, out)
         meta.update(result=result, records=ctx.records, seconds=time.perf_counter() - started)

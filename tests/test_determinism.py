@@ -23,6 +23,9 @@ def _run_cell(home):
                for role, s in stages.items()}
     defended = stages["defended"].deps[0]
     weights = torch.load(env.store.path("defend", defended.key) / "encoder.pt", weights_only=True)["state_dict"]
+    # bit-identity holds per thread count (sums are split across threads), so the artifact records it
+    assert json.loads((env.store.path("defend", defended.key) / "meta.json").read_text())["threads"] == \
+        torch.get_num_threads()
     return metrics, weights
 
 
