@@ -208,7 +208,7 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
         Path(output).write_text(text)
         click.echo(f"wrote {output}")
     else:
-        click.echo(text)
+        click.echo(text, nl=not text.endswith("\n"))  # CSV/markdown end with their own newline
 
 
 @main.command()

@@ -97,7 +97,7 @@ def test_further_attacks_run_in_the_grid_and_add_row_groups_to_table1(tmp_path):
                 "--pretrain", "synth-cifar10", "--downstream", "synth-stl10", *drupe)
     assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr
     table = _cli(home, "table", "table1", "--profile", "ci", "--format", "csv", *drupe)
-    assert table.returncode == 0, table.stderr
+    assert table.returncode == 0 and not table.stdout.endswith("\n\n"), table.stderr  # no blank CSV line
     frame = pd.read_csv(io.StringIO(table.stdout))
     assert sorted(set(frame.attack)) == ["ctrl", "drupe"], table.stdout
     for _, group in frame.groupby("attack"):
