@@ -151,12 +151,12 @@ def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profil
     env.store.sweep_temporaries()
     started = time.perf_counter()
     outcomes = run_grid_from_cli(list(cells.values()), env, executor, workers, prof)
-    click.echo(format_summary(outcomes, time.perf_counter() - started))
+    click.echo(format_summary(outcomes, time.perf_counter() - started, env.store))
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
 
-def format_summary(outcomes, seconds: float) -> str:
+def format_summary(outcomes, seconds: float, store=None) -> str:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "cached", "failed", "skipped")}
     lines = [f"grid: {len(outcomes)} stages in {seconds:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     by_kind: dict[str, list[float]] = {}
@@ -165,6 +165,12 @@ def format_summary(outcomes, seconds: float) -> str:
             by_kind.setdefault(o.stage.kind, []).append(o.seconds)
     for kind, times in by_kind.items():
         lines.append(f"  ran {len(times):3d} {kind:<8} stages, {sum(times):8.0f} s")
+    if store is not None and counts["cached"]:
+        earlier = sum(_recorded_seconds(store, o.stage) for o in outcomes if o.status == "cached")
+        total = earlier + sum(sum(t) for t in by_kind.values())
+        lines.append(f"  the {counts['cached']} cached stages took {earlier:.0f} s when they ran; "
+                     f"all {counts['ran'] + counts['cached']} finished stages: {total:.0f} s ({total / 3600:.1f} h) "
+                     "of compute")
     for o in outcomes:
         if o.status == "failed":
             lines.append(f"  FAILED  {o.stage.label}: {o.error}")
@@ -172,6 +178,14 @@ def format_summary(outcomes, seconds: float) -> str:
     if skipped:
         lines.append(f"  {skipped} stages skipped because an input failed")
     return "\n".join(lines)
+
+
+def _recorded_seconds(store, stage) -> float:
+    """The compute time a finished stage's artifact recorded (0 where the record is unreadable)."""
+    try:
+        return float(store.read_meta(stage.kind, stage.key).get("seconds", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
 
 
 @main.command()
@@ -241,7 +255,7 @@ def report(name, executor, workers, no_run, asr_convention, out_dir, profile, se
         started = time.perf_counter()
         stages = [s for plan in plans for s in plan.stages]
         outcomes = run_grid_from_cli(stages, env, executor, workers, prof)
-        click.echo(format_summary(outcomes, time.perf_counter() - started))
+        click.echo(format_summary(outcomes, time.perf_counter() - started, env.store))
     sections = []
     for plan in plans:
         study = plan.study

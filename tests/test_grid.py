@@ -1,5 +1,6 @@
 """The grid: resumable after SIGKILL, the same table from every executor."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,10 @@ def test_grid_summary_and_cached_rerun(reference):
     assert "synth-stl10" in table and "ft_acc" in table
     again = _cli(home, "grid", *GRID)
     assert again.returncode == 0 and " 0 ran" in again.stdout and "0 failed" in again.stdout, again.stdout
+    # the rerun still says what the whole grid cost: the compute each cached stage recorded when it ran
+    recorded = sum(json.loads(p.read_text())["seconds"] for kind in ("pretrain", "attack", "defend", "evaluate")
+                   for p in (home / "artifacts" / kind).glob("*/*/meta.json"))
+    assert recorded > 0 and f"took {recorded:.0f} s when they ran" in again.stdout, again.stdout
 
 
 def test_sigkill_mid_stage_then_resume(reference, tmp_path):
