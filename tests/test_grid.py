@@ -132,7 +132,7 @@ def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
     assert "1 result(s) in the database come from an older code version" in md.stdout, md.stdout + md.stderr
 
 
-def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds():
+def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds(caplog):
     """The scheduler alone (no stage runs): a cell's evaluation comes right after its encoder, not after
     every defense of the grid, so a stopped grid leaves whole cells; a failed stage skips its users only."""
     from defbench.benchmark.grid import GridSpec, _Scheduler, expand_grid
@@ -142,6 +142,7 @@ def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds()
     cells = expand_grid(prof, GridSpec(["badencoder"], ["ft", "fp"], ["synth-cifar10"], ["synth-stl10"]))
     sched = _Scheduler(list(cells.values()), show_progress=False)
     order = []
+    caplog.set_level("INFO", logger="defbench")  # what `defbench grid -v` prints, one line per stage
     while (stage := sched.next_ready()) is not None:
         order.append(stage)
         failed = stage.kind == "defend" and stage.name == "ft"
@@ -154,3 +155,6 @@ def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds()
     status = {o.stage.key: o.status for o in sched.close()}
     assert status[ft_eval.key] == "skipped" and status[fp_eval.key] == "ran"
     assert len(status) == sched.total and not sched.pending
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(logged) == sched.total and logged[-1].endswith(f"[{sched.total}/{sched.total}]")
+    assert any(line.startswith("skipped evaluate defended ft") for line in logged), logged
