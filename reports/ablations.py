@@ -118,7 +118,12 @@ def _percent_axis(ax, xlabel: str = "", ylabel: str = "ACC / ASR (%)") -> None:
     ax.set_ylabel(ylabel)
     if xlabel:
         ax.set_xlabel(xlabel)
-    ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    _legend_below(ax)
+
+
+def _legend_below(ax, ncol: int = 4) -> None:
+    """The legend under the axes: bars and lines reach 100 %, so a legend inside would cover data."""
+    ax.legend(fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
 
 
 def _per_task_table(rows: pd.DataFrame, index: list[str], asr: str) -> pd.DataFrame:
@@ -212,7 +217,7 @@ def clean_ratio(rows, asr, meas=None):
         ax.set_title(f"{metric} after each defense")
         ax.set_xticks(sorted(means.x.unique() * 100))
         _percent_axis(ax, "clean data (% of the pre-training set)", f"{metric} (%)")
-        ax.legend(fontsize=7, ncol=3, loc="best", framealpha=0.85)
+        _legend_below(ax, ncol=5)
     table = means.pivot(index="x", columns="defense", values=["ACC", "ASR"])
     table.columns = [f"{d} {m}" for m, d in table.columns]
     table = table[[f"{d} {m}" for d in dict.fromkeys(means.defense) for m in ("ACC", "ASR")]].reset_index()
@@ -326,7 +331,7 @@ def cost(rows, asr, meas=None):
     axes[1].set_xlabel("clean images (log scale)")
     axes[1].set_ylabel("wall time (s, log scale)")
     axes[1].set_title("Growth with the clean-set size: time ~ n^k")
-    axes[1].legend(fontsize=7, ncol=2)
+    _legend_below(axes[1], ncol=3)
     sizes = per.groupby("x").n_clean.mean()
     table = per.pivot(index="defense", columns="x", values="seconds").loc[order]
     table.columns = [f"{sizes[c]:.0f} images (s)" for c in table.columns]
