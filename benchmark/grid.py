@@ -150,10 +150,11 @@ class _Scheduler:
         self.done[outcome.stage.key] = outcome
         self.bar.update(1)
         self.bar.set_postfix_str(f"{outcome.status} {outcome.stage.label}"[:70])
-        log.info("%-7s %s (%.0f s) [%d/%d]", outcome.status, outcome.stage.label, outcome.seconds,
-                 len(self.done), self.total)
         if outcome.status == "failed":
             log.error("failed: %s: %s", outcome.stage.label, outcome.error)
+        else:
+            log.info("%-7s %s (%.0f s) [%d/%d]", outcome.status, outcome.stage.label, outcome.seconds,
+                     len(self.done), self.total)
 
     def close(self) -> list[Outcome]:
         self.bar.close()

@@ -113,12 +113,12 @@ def _bars_and_line(ax, labels: list[str], acc, asr, undefended: tuple[float, flo
     _percent_axis(ax, xlabel)
 
 
-def _percent_axis(ax, xlabel: str = "", ylabel: str = "ACC / ASR (%)") -> None:
+def _percent_axis(ax, xlabel: str = "", ylabel: str = "ACC / ASR (%)", legend_columns: int = 4) -> None:
     ax.set_ylim(0, 105)
     ax.set_ylabel(ylabel)
     if xlabel:
         ax.set_xlabel(xlabel)
-    _legend_below(ax)
+    _legend_below(ax, legend_columns)
 
 
 def _legend_below(ax, ncol: int = 4) -> None:
@@ -216,8 +216,7 @@ def clean_ratio(rows, asr, meas=None):
         ax.axhline(ref, color=REF_COLOUR, linestyle="--", linewidth=1, label="undefended")
         ax.set_title(f"{metric} after each defense")
         ax.set_xticks(sorted(means.x.unique() * 100))
-        _percent_axis(ax, "clean data (% of the pre-training set)", f"{metric} (%)")
-        _legend_below(ax, ncol=5)
+        _percent_axis(ax, "clean data (% of the pre-training set)", f"{metric} (%)", legend_columns=5)
     table = means.pivot(index="x", columns="defense", values=["ACC", "ASR"])
     table.columns = [f"{d} {m}" for m, d in table.columns]
     table = table[[f"{d} {m}" for d in dict.fromkeys(means.defense) for m in ("ACC", "ASR")]].reset_index()
