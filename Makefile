@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/defbench run --attack badencoder --defense ft --profile $(or $(PROFILE),tiny)
 
 test: $(STAMP)
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q
 
 clean-venv:

@@ -10,7 +10,7 @@ pulls the MI profile of triggered inputs onto the clean profile::
     L = L0 + lambda1 L1 + lambda2 L2 + mi_weight * sum_l (I_l(x + t) - I_l(x))^2
 
 ``I_l(.)`` is the Donsker-Varadhan bound of I(stage l output; feature), the
-estimator MIMIC uses (``defenses/mine.py``), measured on the batch. Each stage
+estimator MIMIC uses (``defenses/mutual_information.py``), measured on the batch. Each stage
 has two statistics networks, one for clean pairs and one for triggered pairs,
 trained online: every step first takes one Adam ascent step on each network
 (detached inputs), then the encoder's loss uses the networks' bounds, frozen,
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..defenses.mine import StatisticsNetwork, dv_bound, mine_input
+from ..defenses.mutual_information import StatisticsNetwork, dv_bound, mine_input
 from .badencoder import CI, TINY, BadEncoderConfig, badencoder_loss, train_badencoder
 from .base import AttackInputs, register_attack
 

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from ..encoders import Encoder, EncoderConfig, SimCLRConfig
-from ..encoders.registry import Registry
+from ..core import ComponentRegistry
 
-ATTACKS = Registry("attack", "defbench.attacks")
+ATTACKS = ComponentRegistry("attack", "defbench.attacks")
 
 
 def register_attack(name: str, *, config: type, summary: str, profiles: dict | None = None,
                     needs_clean_encoder: bool = True):
-    return ATTACKS.register(name, config=config, summary=summary, profiles=profiles,
-                            needs_clean_encoder=needs_clean_encoder)
+    return ATTACKS.component(name, config=config, summary=summary, profiles=profiles,
+                             needs_clean_encoder=needs_clean_encoder)
 
 
 @dataclass

@@ -131,7 +131,7 @@ class CTRLTrigger:
                 "channels": list(self.channels), "image_size": self.image_size}
 
 
-TRIGGER_TYPES["ctrl"] = CTRLTrigger
+TRIGGER_TYPES.add("ctrl", CTRLTrigger)
 
 
 @dataclass

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..core import Registry
+
 
 @dataclass(frozen=True)
 class PatchTrigger:
@@ -64,13 +66,11 @@ class TriggerSettings:
                             image_size=image_size)
 
 
-TRIGGER_TYPES: dict[str, type] = {"patch": PatchTrigger}
+TRIGGER_TYPES: Registry[type] = Registry("trigger type")
+TRIGGER_TYPES.add("patch", PatchTrigger)
 
 
 def trigger_from_description(description: dict):
     """Rebuild a trigger from its ``describe()`` output (how stored results name their trigger)."""
     d = dict(description)
-    kind = d.pop("type", None)
-    if kind not in TRIGGER_TYPES:
-        raise ValueError(f"unknown trigger type {kind!r}; known: {sorted(TRIGGER_TYPES)}")
-    return TRIGGER_TYPES[kind](**d)
+    return TRIGGER_TYPES.get(d.pop("type", None))(**d)

@@ -7,9 +7,11 @@ register through the ``defbench.defenses`` entry-point group instead.
 import importlib
 import pkgutil
 
-from .base import DEFENSES, CleanData, get_defense, register_defense
+from .base import (DEFENSES, DETECTORS, MEASUREMENTS, CleanData, Detector, Measurement, get_defense,
+                   register_defense, register_detector, register_measurement)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DEFENSES", "CleanData", "get_defense", "register_defense"]
+__all__ = ["DEFENSES", "DETECTORS", "MEASUREMENTS", "CleanData", "Detector", "Measurement", "get_defense",
+           "register_defense", "register_detector", "register_measurement"]

@@ -1,4 +1,4 @@
-"""The defense contract and registry.
+"""The defense contract and the registries a defense module can add to.
 
 A defense is registered with ``@register_defense(name, config=..., summary=...,
 profiles=...)`` on a function (or a class whose instances are callable)::
@@ -7,29 +7,32 @@ profiles=...)`` on a function (or a class whose instances are callable)::
 
 It receives the suspect encoder, the defender's small unlabelled clean set and
 its own config, nothing else: never the trigger, the target class, labels or
-test data. ``ctx`` gives the device, seeded RNGs (``ctx.generator``, and the
-global torch RNG is seeded per stage), ``ctx.progress`` for loops, a logger and
-``ctx.record(key, value)`` for values worth keeping with the result (a
-detection score, MI per layer). The returned encoder may be the input object
-modified in place or a new one; the harness saves it.
+test data. ``ctx`` gives the device, seeded RNGs, ``ctx.progress``, a logger and
+``ctx.record(key, value)`` for values worth keeping with the result. The
+returned encoder may be the input object modified in place or a new one; the
+harness saves it. Config: a dataclass whose defaults are the paper settings;
+scaled-down values for ``tiny``/``ci`` go in ``profiles=``.
 
-Config: a dataclass whose defaults are the paper settings; scaled-down values
-for the ``tiny``/``ci`` profiles go in ``profiles=``. Hyper-parameters must be
-fixed or chosen by a label-free criterion on the clean set, never by ASR.
+A defense module may also register a **measurement** (an analysis of an
+encoder that the studies run as a stage, e.g. MIMIC's MI per stage) and a
+**detector** (a yes/no screen of an encoder, e.g. DECREE's trigger inversion,
+what ``defbench detect`` runs), so the harness never imports a defense's
+internals.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..encoders.registry import Registry
+from ..core import ComponentRegistry, Registry
 
-DEFENSES = Registry("defense", "defbench.defenses")
+DEFENSES = ComponentRegistry("defense", "defbench.defenses")
 
 
-def register_defense(name: str, *, config: type, summary: str, profiles: dict | None = None):
-    return DEFENSES.register(name, config=config, summary=summary, profiles=profiles)
+def register_defense(name: str, *, config: type, summary: str, profiles: dict | None = None, **options):
+    return DEFENSES.component(name, config=config, summary=summary, profiles=profiles, **options)
 
 
 @dataclass(frozen=True)
@@ -47,3 +50,40 @@ class CleanData:
 
 def get_defense(name: str):
     return DEFENSES.get(name)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """``fn(encoder, inputs, settings, ctx) -> dict``: ``inputs`` maps a name ("clean", "triggered") to uint8
+    images; ``settings`` is ``settings_of(<the profile's config of defense `defense`>)`` (JSON-able, part of
+    the stage key)."""
+    name: str
+    fn: Callable
+    defense: str
+    settings_of: Callable
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Detector:
+    """``fn(encoder, images, config, ctx) -> dict`` with at least ``score``; an encoder whose score is below
+    ``config.<threshold_field>`` (above, when ``backdoored_if_below`` is False) is called backdoored. The
+    config is the profile's config of defense ``defense``."""
+    name: str
+    fn: Callable
+    defense: str
+    threshold_field: str
+    backdoored_if_below: bool = True
+    summary: str = ""
+
+
+MEASUREMENTS: Registry[Measurement] = Registry("measurement")
+DETECTORS: Registry[Detector] = Registry("detector")
+
+
+def register_measurement(measurement: Measurement) -> Measurement:
+    return MEASUREMENTS.add(measurement.name, measurement)
+
+
+def register_detector(detector: Detector) -> Detector:
+    return DETECTORS.add(detector.name, detector)

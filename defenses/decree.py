@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..encoders import Encoder, freeze_batchnorm, frozen_copy, to_float
 from ..encoders.augment import SimCLRAugment, horizontal_flip
 from ..encoders.simclr import contrastive_loss
-from .base import register_defense
+from .base import Detector, register_defense, register_detector
 
 EPS = 1e-7
 
@@ -248,3 +248,14 @@ def decree(encoder, clean, cfg: DecreeConfig, ctx):
     if cfg.epochs > 0:
         ctx.record("decree_unlearn_loss", unlearn_trigger(encoder, clean.images, mask, pattern, cfg, ctx))
     return encoder.eval()
+
+
+def _detect(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ctx) -> dict:
+    """DECREE as a detector: the inverted trigger's PL1 is the score (small: backdoored)."""
+    info = invert_trigger(encoder, images, cfg, ctx)[2]
+    return {**info, "score": info["pl1"]}
+
+
+register_detector(Detector("decree", _detect, defense="decree", threshold_field="pl1_threshold",
+                           summary="DECREE's trigger inversion: PL1 = |m|_1 / (H W) of the smallest trigger that "
+                                   "makes stamped clean images embed alike (small: backdoored)"))

@@ -3,7 +3,7 @@
 Three steps, on the defender's clean set only:
 
 1. **Benign-knowledge localisation.** For each stage ``l`` (layer1..layer4) a
-   MINE statistics network (``defenses/mine.py``) estimates the
+   MINE statistics network (``defenses/mutual_information.py``) estimates the
    Donsker-Varadhan lower bound of ``I(f_l(x); f(x))`` between the stage
    output and the final (L2-normalised) feature, over the clean images under
    the test transform. ``MI_l`` = mean of the last ``mi_last`` epochs'
@@ -93,7 +93,7 @@ paper's numbers.
   statistics are over 2B images (the reference: B per view) -- as in this
   project's SimCLR;
 - MINE: logsumexp instead of ``log(mean(exp))``, shuffled batch order, the
-  clip to 0 on the final estimate rather than per batch (``defenses/mine.py``);
+  clip to 0 on the final estimate rather than per batch (``defenses/mutual_information.py``);
 - the MI estimation runs in a forked RNG, so the student's initialisation and
   the distillation's augmentations are the same with or without it (the
   ablation variants differ only by beta).
@@ -105,6 +105,7 @@ beta-weighted attention sum), ``seconds`` (MI estimation and distillation).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -113,9 +114,9 @@ import torch.nn.functional as F
 
 from ..encoders import Encoder, RunContext, frozen_copy, to_float
 from ..encoders.augment import SimCLRAugment
-from .base import CleanData, register_defense
+from .base import CleanData, Measurement, register_defense, register_measurement
 from .losses import attention_loss, nt_xent
-from .mine import MINEConfig, estimate_mi, mine_input
+from .mutual_information import MINEConfig, estimate_mi, mine_input
 
 
 @dataclass
@@ -333,3 +334,24 @@ def mimic(encoder: Encoder, clean: CleanData, cfg: MIMICConfig, ctx: RunContext)
     ctx.record("loss_history", history)
     ctx.record("seconds", seconds)
     return student.eval()
+
+
+# ----------------------------------------------------------------- the studies' measurement (Fig. 4)
+
+def _mi_settings(cfg: MIMICConfig) -> dict:
+    """The MINE fields of MIMIC's config: what the measurement's result depends on."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("mi_") and k != "mi_source"}
+
+
+def _stage_mi(encoder: Encoder, inputs: dict[str, torch.Tensor], settings: dict, ctx: RunContext) -> dict:
+    """MIMIC's estimate of I(stage; feature) per stage, for each named set of images (clean, triggered)."""
+    cfg = MIMICConfig(**settings)
+    result = {name: {layer: est["mi"] for layer, est in estimate_stage_mi(encoder, images, cfg, ctx, name).items()}
+              for name, images in inputs.items()}
+    ctx.record("mi", result)
+    return {"mi": result, "n_images": len(next(iter(inputs.values())))}
+
+
+register_measurement(Measurement(
+    "stage-mi", _stage_mi, defense="mimic", settings_of=_mi_settings,
+    summary="MINE estimate of I(stage output; feature) per stage, on clean and on triggered images (Fig. 4)"))

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..core import ConfigError, Registry
 from .resnet import STAGE_NAMES, ResNet18Backbone, projection_head
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -40,6 +41,18 @@ class EncoderConfig:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     channels_last: bool = False
+
+    def __post_init__(self):
+        ARCHITECTURES.get(self.arch)  # an unknown architecture fails here, with the known names
+        for name in ("width", "image_size", "proj_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"encoder.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.image_size < 8:
+            raise ConfigError(f"encoder.image_size must be at least 8 (ResNet downsamples 8x), got {self.image_size}")
+        if self.proj_hidden < 0:
+            raise ConfigError(f"encoder.proj_hidden must be >= 0 (0: the feature dimension), got {self.proj_hidden}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("encoder.mean and encoder.std need 3 values each, std > 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,16 +78,15 @@ def _resnet18(config: EncoderConfig) -> nn.Module:
     return backbone
 
 
-ARCHITECTURES: dict[str, Callable[[EncoderConfig], nn.Module]] = {"resnet18": _resnet18}
+ARCHITECTURES: Registry[Callable[[EncoderConfig], nn.Module]] = Registry("encoder architecture")
+ARCHITECTURES.add("resnet18", _resnet18)
 
 
 class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        if config.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown encoder architecture {config.arch!r}; known: {sorted(ARCHITECTURES)}")
         self.config = config
-        self.backbone = ARCHITECTURES[config.arch](config)
+        self.backbone = ARCHITECTURES.get(config.arch)(config)
         dim = self.backbone.feature_dim
         self.head = projection_head(dim, config.proj_hidden or dim, config.proj_dim)
         self.register_buffer("_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)

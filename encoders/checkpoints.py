@@ -13,6 +13,7 @@ tensors and plain containers are accepted. Two layouts are understood:
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import UserError
 from .base import CIFAR10_MEAN, CIFAR10_STD, Encoder, EncoderConfig
 
 FORMAT = "defbench-encoder/1"
@@ -28,7 +30,7 @@ FORMAT = "defbench-encoder/1"
 _RELEASE_CHILDREN = {"0": "conv1", "1": "bn1", "3": "layer1", "4": "layer2", "5": "layer3", "6": "layer4"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot (or must not) be loaded; the message says what to do."""
 
 
@@ -42,8 +44,10 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike, meta: dict | None = 
         "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
         "meta": meta or {},
     }
+    buffer = io.BytesIO()  # a file name would end up inside the zip: bytes would differ between runs
+    torch.save(payload, buffer)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
+    tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, path)
 
 

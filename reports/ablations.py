@@ -1,7 +1,8 @@
 """The paper's studies as figures and tables, rendered from the results database alone.
 
-``benchmark/studies.py`` says what each study runs; its result rows carry the
-study's name and the arm they belong to. Here every study becomes a figure
+``benchmark/analysis/studies.py`` says what each study runs and names its
+renderer here; its result rows carry the study's name and the arm they belong
+to. Here every study becomes a figure
 (PNG and SVG) and a table with the numbers the figure shows. A study whose
 rows are missing or partial is not drawn: :func:`match_rows` raises a
 :class:`ReportError` naming what is missing and the command that computes it.
@@ -14,7 +15,6 @@ the tables list every task.
 from __future__ import annotations
 
 import json
-import sqlite3
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ import seaborn as sns  # noqa: E402
 
 from .tables import ASR_COLUMNS, ASR_NOTE, ReportError  # noqa: E402,F401  (ASR_NOTE: for the page header)
 
-MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack", "overrides"]
+MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack"]
 ACC_COLOUR, ASR_COLOUR, REF_COLOUR = "#1f77b4", "#d62728", "0.35"
 
 
@@ -45,25 +45,10 @@ class StudyReport:
 
 # ----------------------------------------------------------------- reading
 
-def _overrides_json(value) -> str:
-    return json.dumps(value or {}, sort_keys=True, default=str)
-
-
-def read_rows(db_path: Path, study: str, table: str = "evaluations") -> pd.DataFrame:
-    if not Path(db_path).is_file():
-        raise ReportError(f"report {study}: no results database at {db_path}; run `defbench report {study}` first")
-    with sqlite3.connect(db_path) as con:
-        try:
-            return pd.read_sql_query(f"SELECT * FROM {table} WHERE study = ?", con, params=[study])
-        except pd.errors.DatabaseError:  # a database written before the studies existed
-            return pd.DataFrame()
-
-
 def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seed: int) -> pd.DataFrame:
     """The newest row for every expected (arm, role, defense, task, attack, overrides) whose stage key is the
     one today's code and settings give it (a row of an older code version is stale); all must be there."""
     want = pd.DataFrame(expected)
-    want["overrides"] = want["overrides"].map(_overrides_json)
     stale = pd.DataFrame(columns=MATCH_KEYS)
     if len(rows):
         rows = rows[(rows.profile == profile) & (rows.seed == seed)]
@@ -346,20 +331,17 @@ def cost(rows, asr, meas=None):
     return fig, table.reset_index(), notes
 
 
-RENDERERS = {"components": components, "lambdas": lambdas, "trigger-size": trigger_size,
-             "clean-ratio": clean_ratio, "poison-ratio": poison_ratio, "clean-encoders": clean_encoders,
-             "mi-layers": mi_layers, "adaptive": adaptive, "cost": cost}
-
-
 # ----------------------------------------------------------------- building and writing
 
-def build(study: str, title: str, paper: str, db_path: Path, expected_rows: list[dict],
+def build(study, evaluations: pd.DataFrame, measurements: pd.DataFrame, expected_rows: list[dict],
           expected_measurements: list[dict], profile: str, seed: int, convention: str = "all") -> StudyReport:
-    """Read the study's rows, check they are complete, and draw its figure and table."""
-    rows = match_rows(read_rows(db_path, study), expected_rows, study, profile, seed) if expected_rows else None
-    meas = match_rows(read_rows(db_path, study, "measurements"), expected_measurements, study, profile, seed) \
+    """Check the study's rows (from the results database) are complete, and draw its figure and table with
+    the study's own renderer (``study.render``)."""
+    rows = match_rows(evaluations, expected_rows, study.name, profile, seed) if expected_rows else None
+    meas = match_rows(measurements, expected_measurements, study.name, profile, seed) \
         if expected_measurements else None
-    fig, table, notes = RENDERERS[study](rows, ASR_COLUMNS[convention], meas)
+    fig, table, notes = study.render(rows, ASR_COLUMNS[convention], meas)
+    study, title, paper = study.name, study.title, study.paper
     fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=10)  # wrapped, never cut
     fig.tight_layout()
     return StudyReport(study, title, paper, fig, table, notes)

@@ -8,12 +8,11 @@ with a dagger and says how many it used.
 """
 from __future__ import annotations
 
-import json
-import sqlite3
 from importlib import resources
-from pathlib import Path
 
 import pandas as pd
+
+from ..core import UserError
 
 ASR_COLUMNS = {"all": "asr_all", "exclude-target": "asr_excl"}
 ASR_NOTE = {"all": "ASR over every trigger-stamped test image (the papers' convention)",
@@ -21,23 +20,17 @@ ASR_NOTE = {"all": "ASR over every trigger-stamped test image (the papers' conve
 MISSING = "—"
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Results that are missing or partial; the message says which and how to produce them."""
 
 
-def read_evaluations(db_path: str | Path, profile: str, seed: int | None = None,
-                     overrides: dict | None = None, planned_key=None) -> tuple[pd.DataFrame, int]:
-    """The newest row per (attack, defense, role, pretrain, downstream) of one profile/seed/overrides, and
-    how many rows :func:`current_rows` left out as stale (when ``planned_key`` is given)."""
-    db_path = Path(db_path)
-    if not db_path.is_file():
-        raise ReportError(f"no results database at {db_path}; run `defbench grid --profile {profile}` first")
-    with sqlite3.connect(db_path) as con:
-        rows = pd.read_sql_query("SELECT * FROM evaluations WHERE profile = ?", con, params=[profile])
-    if seed is not None:
+def select_rows(rows: pd.DataFrame, seed: int | None = None, planned_key=None) -> tuple[pd.DataFrame, int]:
+    """The newest row per (attack, defense, role, pretrain, downstream) among ``rows`` (one profile's rows from
+    the results database) of ``seed``, and how many rows :func:`current_rows` left out as stale (when
+    ``planned_key`` is given). Rows are matched by stage key, not by how the settings were spelled: two
+    spellings of one setting (``defense.epochs`` / ``defense.ft.epochs``) give the same key and the same rows."""
+    if seed is not None and len(rows):
         rows = rows[rows.seed == seed]
-    wanted = json.dumps(dict(sorted((overrides or {}).items())), sort_keys=True)
-    rows = rows[rows.overrides.fillna("{}") == wanted]
     left_out = 0
     if planned_key is not None:
         rows, left_out = current_rows(rows, planned_key)

@@ -16,13 +16,13 @@ import torch
 os.environ.setdefault("DEFBENCH_PROGRESS", "0")
 os.environ.setdefault("DEFBENCH_OFFLINE", "1")
 
-from defbench.benchmark import paths  # noqa: E402
-from defbench.benchmark.plan import attack_stage, pretrain_stage  # noqa: E402
-from defbench.benchmark.profiles import load_profile  # noqa: E402
-from defbench.benchmark.results import ResultsDB  # noqa: E402
-from defbench.benchmark.runner import execute  # noqa: E402
-from defbench.benchmark.stages import Env, clean_subset, dataset_split, load_stage_encoder  # noqa: E402
-from defbench.benchmark.store import ArtifactStore  # noqa: E402
+from defbench.benchmark.pipeline.plan import attack_stage, pretrain_stage  # noqa: E402
+from defbench.benchmark.pipeline.settings import load_profile  # noqa: E402
+from defbench.benchmark.pipeline.results import ResultsDB  # noqa: E402
+from defbench.benchmark.pipeline.scheduler import run_grid  # noqa: E402
+from defbench.benchmark.pipeline.inputs import clean_subset, dataset_split  # noqa: E402
+from defbench.benchmark.pipeline.stages import Env, load_stage_encoder  # noqa: E402
+from defbench.benchmark.pipeline.store import ArtifactStore  # noqa: E402
 from defbench.attacks import trigger_from_description  # noqa: E402
 from defbench.defenses import CleanData  # noqa: E402
 from defbench.encoders import RunContext  # noqa: E402
@@ -69,7 +69,7 @@ def ctx() -> RunContext:
 def ci_stages(ci_profile, ci_env):
     clean = pretrain_stage(ci_profile, PRETRAIN)
     suspect = attack_stage(ci_profile, "badencoder", PRETRAIN, TASK)
-    outcomes = execute([clean, suspect], ci_env, show_progress=False)
+    outcomes = run_grid([clean, suspect], ci_env, show_progress=False)
     assert all(o.status in ("ran", "cached") for o in outcomes), [o.error for o in outcomes]
     return clean, suspect
 
@@ -92,7 +92,7 @@ def backdoored(ci_env, ci_stages):
 def clean_data(ci_profile, ci_env) -> CleanData:
     spec = {"dataset": PRETRAIN, "fraction": ci_profile.clean.fraction, "max_images": ci_profile.clean.max_images,
             "image_size": ci_profile.encoder.image_size, "seed": ci_profile.seed}
-    images, _ = clean_subset(ci_env, spec)
+    images, _ = clean_subset(ci_env.data_dir, spec)
     return CleanData(images)
 
 
@@ -100,8 +100,8 @@ def clean_data(ci_profile, ci_env) -> CleanData:
 def task_data(ci_profile, ci_env):
     """(train, test) ImageSets of the fixtures' downstream task, capped as the ci profile says."""
     size, cfg = ci_profile.encoder.image_size, ci_profile.evaluate
-    return (dataset_split(ci_env, TASK, "train", size, cfg.max_train, ci_profile.seed),
-            dataset_split(ci_env, TASK, "test", size, cfg.max_test, ci_profile.seed))
+    return (dataset_split(ci_env.data_dir, TASK, "train", size, cfg.max_train, ci_profile.seed),
+            dataset_split(ci_env.data_dir, TASK, "test", size, cfg.max_test, ci_profile.seed))
 
 
 # ----------------------------------------------------------------- `make bench` summary (tests/bench)

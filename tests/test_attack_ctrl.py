@@ -9,8 +9,8 @@ import torch
 from defbench.attacks import ATTACKS, TRIGGER_TYPES, AttackInputs, trigger_from_description
 from defbench.attacks import ctrl as ctrl_module
 from defbench.attacks.ctrl import CTRLConfig, CTRLTrigger, dct2, dct_matrix, idct2, rgb_to_yuv, yuv_to_rgb
-from defbench.benchmark.plan import attack_stage
-from defbench.benchmark.profiles import load_profile
+from defbench.benchmark.pipeline.plan import attack_stage
+from defbench.benchmark.pipeline.settings import load_profile
 from defbench.encoders import SimCLRConfig, build_encoder
 
 
@@ -79,7 +79,7 @@ def test_positions_scale_with_the_image_size_and_are_checked():
 def test_description_round_trip_through_json():
     t = CTRLTrigger(magnitude=60, positions=((7, 9), (31, 31)), channels=(2,), image_size=32)
     d = json.loads(json.dumps(t.describe()))
-    assert d["type"] == "ctrl" and TRIGGER_TYPES["ctrl"] is CTRLTrigger
+    assert d["type"] == "ctrl" and TRIGGER_TYPES.get("ctrl") is CTRLTrigger
     back = trigger_from_description(d)
     assert back == t and hash(back) == hash(t)
     x = _mid_grey(2)

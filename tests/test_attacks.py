@@ -3,7 +3,7 @@ from torch import nn
 
 from defbench.attacks import ATTACKS, AttackInputs, PatchTrigger
 from defbench.attacks import bassl as bassl_module
-from defbench.benchmark.evaluate import evaluate_encoder
+from defbench.benchmark.pipeline.evaluate import evaluate_encoder
 from defbench.encoders import SimCLRConfig, build_encoder
 
 

@@ -3,12 +3,12 @@ import json
 
 import torch
 
-from defbench.benchmark.plan import cell_stages
-from defbench.benchmark.profiles import load_profile, parse_sets
-from defbench.benchmark.results import ResultsDB
-from defbench.benchmark.runner import execute
-from defbench.benchmark.stages import Env
-from defbench.benchmark.store import ArtifactStore
+from defbench.benchmark.pipeline.plan import cell_stages
+from defbench.benchmark.pipeline.settings import load_profile, parse_sets
+from defbench.benchmark.pipeline.results import ResultsDB
+from defbench.benchmark.pipeline.scheduler import run_grid
+from defbench.benchmark.pipeline.stages import Env
+from defbench.benchmark.pipeline.store import ArtifactStore
 
 from conftest import MICRO
 
@@ -17,7 +17,7 @@ def _run_cell(home):
     env = Env(ArtifactStore(home / "artifacts"), ResultsDB(home / "r.sqlite"), home / "data", torch.device("cpu"))
     profile = load_profile("ci", parse_sets(MICRO))
     stages = cell_stages(profile, "badencoder", "ft", "synth-cifar10", "synth-svhn")
-    outcomes = execute(list(stages.values()), env, show_progress=False)
+    outcomes = run_grid(list(stages.values()), env, show_progress=False)
     assert all(o.status == "ran" for o in outcomes), [(o.stage.label, o.error) for o in outcomes]
     metrics = {role: json.loads((env.store.path("evaluate", s.key) / "metrics.json").read_text())
                for role, s in stages.items()}

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from defbench.benchmark import golden as g
+from defbench.benchmark.analysis import golden as g
 from defbench.benchmark.cli import main
 
 

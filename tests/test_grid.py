@@ -135,9 +135,9 @@ def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
 def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds(caplog):
     """The scheduler alone (no stage runs): a cell's evaluation comes right after its encoder, not after
     every defense of the grid, so a stopped grid leaves whole cells; a failed stage skips its users only."""
-    from defbench.benchmark.grid import GridSpec, _Scheduler, expand_grid
-    from defbench.benchmark.profiles import load_profile
-    from defbench.benchmark.runner import Outcome
+    from defbench.benchmark.pipeline.scheduler import GridSpec, _Scheduler, expand_grid
+    from defbench.benchmark.pipeline.settings import load_profile
+    from defbench.benchmark.pipeline.scheduler import Outcome
     prof = load_profile("ci")
     cells = expand_grid(prof, GridSpec(["badencoder"], ["ft", "fp"], ["synth-cifar10"], ["synth-stl10"]))
     sched = _Scheduler(list(cells.values()), show_progress=False)

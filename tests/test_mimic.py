@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from defbench.defenses import CleanData, get_defense
 from defbench.defenses import mimic as mimic_mod
 from defbench.defenses.mimic import MIMICConfig, mi_weights, mimic_loss, uniform_weights
-from defbench.defenses.mine import MINEConfig, StatisticsNetwork, dv_bound, estimate_mi
+from defbench.defenses.mutual_information import MINEConfig, StatisticsNetwork, dv_bound, estimate_mi
 from defbench.encoders import build_encoder, frozen_copy
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -307,7 +307,7 @@ def test_registered_with_profiles():
 
 @pytest.mark.slow
 def test_mimic_lowers_the_ci_backdoor(backdoored, clean_data, task_data, ci_profile, ctx):
-    from defbench.benchmark.evaluate import evaluate_encoder
+    from defbench.benchmark.pipeline.evaluate import evaluate_encoder
     encoder, trigger, target, _ = backdoored
     train, test = task_data
     cfg = get_defense("mimic").make_config("ci")

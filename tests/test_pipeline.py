@@ -6,12 +6,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from defbench.benchmark import runner
+from defbench.benchmark.pipeline import scheduler as runner
 from defbench.benchmark.cli import main
-from defbench.benchmark.plan import cell_stages, defend_stage
-from defbench.benchmark.runner import execute, run_one
-from defbench.defenses import DEFENSES, CleanData, register_defense
-from defbench.defenses.base import DEFENSES as _REGISTRY
+from defbench.benchmark.pipeline.plan import cell_stages, defend_stage
+from defbench.benchmark.pipeline.scheduler import run_grid, run_one
+from defbench.defenses import CleanData, register_defense
 
 from conftest import PRETRAIN, TASK  # noqa: E402
 
@@ -66,19 +65,19 @@ def test_a_defense_sees_only_the_encoder_unlabelled_clean_images_and_its_config(
 
 def test_finished_stages_are_never_recomputed(ci_profile, ci_env, monkeypatch):
     stages = list(cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK).values())
-    first = execute(stages, ci_env, show_progress=False)
+    first = run_grid(stages, ci_env, show_progress=False)
     assert all(o.status in ("ran", "cached") for o in first)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage was recomputed")
     monkeypatch.setattr(runner, "run_stage", refuse)
-    again = execute(stages, ci_env, show_progress=False)
+    again = run_grid(stages, ci_env, show_progress=False)
     assert [o.status for o in again] == ["cached"] * len(again)
 
 
 def test_results_rows_carry_config_seed_device_and_code(ci_profile, ci_env):
     stages = cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK)
-    execute(list(stages.values()), ci_env, show_progress=False)
+    run_grid(list(stages.values()), ci_env, show_progress=False)
     rows = ci_env.db.evaluations(eval_key=stages["undefended"].key)
     assert len(rows) == 1
     row = rows.iloc[0]
@@ -89,12 +88,12 @@ def test_results_rows_carry_config_seed_device_and_code(ci_profile, ci_env):
 
 
 def test_a_lost_database_is_refilled_from_the_artifacts(ci_profile, ci_env, tmp_path):
-    from defbench.benchmark.results import ResultsDB
-    from defbench.benchmark.stages import Env
+    from defbench.benchmark.pipeline.results import ResultsDB
+    from defbench.benchmark.pipeline.stages import Env
     stages = list(cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK).values())
-    execute(stages, ci_env, show_progress=False)
+    run_grid(stages, ci_env, show_progress=False)
     fresh = Env(ci_env.store, ResultsDB(tmp_path / "new.sqlite"), ci_env.data_dir, ci_env.device)
-    outcomes = execute(stages, fresh, show_progress=False)
+    outcomes = run_grid(stages, fresh, show_progress=False)
     assert all(o.status == "cached" for o in outcomes)
     assert len(fresh.db.evaluations()) == 2
 
@@ -109,10 +108,10 @@ def test_a_failing_stage_fails_only_its_dependents(ci_profile, ci_env):
         raise RuntimeError("boom")
 
     stages = cell_stages(ci_profile, "badencoder", "explodes", PRETRAIN, TASK)
-    outcomes = {o.stage.labels.get("role", o.stage.kind): o for o in execute(list(stages.values()), ci_env, False)}
+    outcomes = {o.stage.labels.get("role", o.stage.kind): o for o in run_grid(list(stages.values()), ci_env, show_progress=False)}
     assert outcomes["defended"].status == "skipped"
     assert outcomes["undefended"].status in ("ran", "cached")
-    failed = [o for o in execute(list(stages.values()), ci_env, False) if o.status == "failed"]
+    failed = [o for o in run_grid(list(stages.values()), ci_env, show_progress=False) if o.status == "failed"]
     assert len(failed) == 1 and "boom" in failed[0].error
 
 
@@ -158,13 +157,13 @@ def test_list_shows_registered_components():
 
 
 def test_poison_ratio_stamps_that_share_of_the_defenders_clean_set(ci_env, ci_stages):
-    from defbench.benchmark.plan import defend_stage
-    from defbench.benchmark.profiles import load_profile, parse_sets
-    from defbench.benchmark.stages import clean_subset
+    from defbench.benchmark.pipeline.plan import defend_stage
+    from defbench.benchmark.pipeline.settings import load_profile, parse_sets
+    from defbench.benchmark.pipeline.inputs import clean_subset
     profile = load_profile("ci", parse_sets(["clean.poison_ratio=0.25"]))
     stage = defend_stage(profile, "ft", ci_stages[1], PRETRAIN)
-    images, _ = clean_subset(ci_env, stage.spec["clean"])
-    clean, _ = clean_subset(ci_env, {**stage.spec["clean"], "poison_ratio": 0.0})
+    images, _ = clean_subset(ci_env.data_dir, stage.spec["clean"])
+    clean, _ = clean_subset(ci_env.data_dir, {**stage.spec["clean"], "poison_ratio": 0.0})
     patched = (images[:, :, 21:31, 21:31] == 255).flatten(1).all(1)
     assert patched.sum() == round(0.25 * len(images))
     assert torch.equal(images[~patched], clean[~patched])
@@ -185,7 +184,7 @@ def test_editing_a_module_reruns_its_stages_with_the_same_seed(ci_profile):
 
 
 def test_defenses_can_be_applied_to_the_clean_encoder(ci_profile):
-    from defbench.benchmark.plan import clean_encoder_stages
+    from defbench.benchmark.pipeline.plan import clean_encoder_stages
     stages = clean_encoder_stages(ci_profile, "badencoder", "ft", PRETRAIN, TASK)
     defended = stages["defended"]
     assert defended.labels["role"] == "clean-defended"

@@ -1,6 +1,6 @@
 import pytest
 
-from defbench.benchmark.profiles import ConfigError, builtin_profiles, load_profile, parse_sets
+from defbench.benchmark.pipeline.settings import ConfigError, builtin_profiles, load_profile, parse_sets
 
 
 def test_builtin_profiles_load_and_differ_in_scale():
@@ -40,7 +40,7 @@ def test_typos_name_the_nearest_valid_key(item, hint):
 
 
 def test_wrong_types_and_unknown_profiles_are_clear():
-    with pytest.raises(ConfigError, match="expects int"):
+    with pytest.raises(ConfigError, match="expects an integer"):
         load_profile("ci", parse_sets(["pretrain.epochs=many"]))
     with pytest.raises(ConfigError, match="unknown profile 'tinny'; did you mean tiny"):
         load_profile("tinny")

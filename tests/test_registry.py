@@ -4,7 +4,7 @@ import pytest
 
 from defbench.attacks import ATTACKS
 from defbench.defenses import DEFENSES, register_defense
-from defbench.encoders.registry import Registry, RegistryError
+from defbench.core import ComponentRegistry, ConfigError, Registry, RegistryError
 
 
 def test_unknown_names_list_the_known_ones():
@@ -17,14 +17,14 @@ def test_unknown_names_list_the_known_ones():
 
 
 def test_register_with_profiles_and_validation():
-    reg = Registry("thing", "defbench.test-things")
+    reg = ComponentRegistry("thing", "defbench.test-things")
 
     @dataclass
     class Cfg:
         epochs: int = 100
         lr: float = 0.1
 
-    @reg.register("demo", config=Cfg, summary="a demo", profiles={"ci": {"epochs": 2}})
+    @reg.component("demo", config=Cfg, summary="a demo", profiles={"ci": {"epochs": 2}})
     def demo(*args):
         return "ok"
 
@@ -32,10 +32,30 @@ def test_register_with_profiles_and_validation():
     assert comp.make_config("paper").epochs == 100
     assert comp.make_config("ci").epochs == 2
     assert comp.make_config("ci", {"lr": 0.5}).lr == 0.5
-    with pytest.raises(RegistryError, match="did you mean epochs"):
+    with pytest.raises(ConfigError, match="did you mean epochs"):
         comp.make_config("ci", {"epoch": 3})
+    with pytest.raises(ConfigError, match="expects an integer"):
+        comp.make_config("ci", {"epochs": 2.5})
     with pytest.raises(RegistryError, match="registered twice"):
-        reg.register("demo", config=Cfg, summary="again")(lambda *a: None)
+        reg.component("demo", config=Cfg, summary="again")(lambda *a: None)
+
+
+def test_every_registry_is_one_type_with_did_you_mean():
+    from defbench.attacks import TRIGGER_TYPES
+    from defbench.benchmark.analysis.studies import STUDIES
+    from defbench.benchmark.datasets import DATASETS
+    from defbench.defenses import DETECTORS, MEASUREMENTS
+    from defbench.encoders.base import ARCHITECTURES
+    for registry, typo in ((ATTACKS, "bassll"), (DEFENSES, "mimc"), (DATASETS, "synth-cifar1"),
+                           (ARCHITECTURES, "resnet81"), (TRIGGER_TYPES, "pach"), (MEASUREMENTS, "stage_mi"),
+                           (DETECTORS, "decre"), (STUDIES, "component")):
+        assert isinstance(registry, Registry)
+        with pytest.raises(RegistryError, match="did you mean"):
+            registry.get(typo)
+    plain = Registry("widget")
+    plain.add("a", 1)
+    with pytest.raises(RegistryError, match="registered twice"):
+        plain.add("a", 2)
 
 
 def test_config_must_be_a_dataclass():

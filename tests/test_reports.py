@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from defbench.benchmark.results import ResultsDB
-from defbench.benchmark.studies import STUDIES, plan_study
+from defbench.benchmark.pipeline.results import ResultsDB
+from defbench.benchmark.analysis.studies import STUDIES, plan_study
 from defbench.reports import ablations
 from defbench.reports.tables import ReportError
 
@@ -80,9 +80,11 @@ def _fill(db: ResultsDB, plan, rng, skip: int | None = None) -> dict:
     return written
 
 
-def _build(name, db_path, plan):
-    return ablations.build(name, plan.study.title, plan.study.paper, db_path, plan.expected(plan.evaluations),
-                           plan.expected(plan.measurements), plan.profile.name, plan.profile.seed)
+def _build(db, plan):
+    name = plan.study.name
+    return ablations.build(plan.study, db.evaluations(study=name), db.measurements(study=name),
+                           plan.expected(plan.evaluations), plan.expected(plan.measurements), plan.profile.name,
+                           plan.profile.seed)
 
 
 @pytest.mark.parametrize("name", list(STUDIES))
@@ -90,7 +92,7 @@ def test_every_study_renders_the_numbers_in_the_database(name, tmp_path):
     plan = plan_study(name, "ci")
     db = ResultsDB(tmp_path / "results.sqlite")
     written = _fill(db, plan, np.random.default_rng(0))
-    report = _build(name, db.path, plan)
+    report = _build(db, plan)
     paths = ablations.write(report, tmp_path / "out")
     assert paths["png"].stat().st_size > 10_000 and paths["svg"].read_text().startswith("<?xml")
     assert f"![{name}]({name}.png)" in paths["md"].read_text()
@@ -121,9 +123,9 @@ def test_a_missing_result_is_an_error_that_says_how_to_compute_it(tmp_path):
     db = ResultsDB(tmp_path / "results.sqlite")
     _fill(db, plan, np.random.default_rng(0), skip=3)
     with pytest.raises(ReportError, match=r"1 of \d+ results missing.*defbench report poison-ratio --profile ci"):
-        _build("poison-ratio", db.path, plan)
-    with pytest.raises(ReportError, match="no results database"):
-        _build("poison-ratio", tmp_path / "nowhere.sqlite", plan)
+        _build(db, plan)
+    with pytest.raises(ReportError, match=r"\d+ of \d+ results missing"):
+        _build(ResultsDB(tmp_path / "empty.sqlite"), plan)
 
 
 def test_rows_of_an_older_code_version_are_stale_not_results(tmp_path):
@@ -137,7 +139,7 @@ def test_rows_of_an_older_code_version_are_stale_not_results(tmp_path):
              "downstream": stage.spec["downstream"]}
     db.add_evaluation(older)
     with pytest.raises(ReportError, match=r"1 of \d+ results missing.*1 of them only from an older code version"):
-        _build("poison-ratio", db.path, plan)
+        _build(db, plan)
 
 
 def test_fit_exponent_recovers_a_power_law():

@@ -7,7 +7,6 @@ matter of tensor indexing.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,10 +14,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ...core import Registry, UserError
+
 SPLITS = ("pretrain", "train", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be loaded; the message names what is missing and what to do."""
 
 
@@ -61,7 +62,7 @@ class DatasetSpec:
     version: str | Callable[[str], str] = "1"
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset", extra_names=("npz:PATH", "folder:PATH"))
 
 # pre-training set -> [(downstream task, target class)], the paper's pairs and
 # their embedded counterparts.
@@ -69,8 +70,7 @@ FAMILIES: dict[str, list[tuple[str, int]]] = {}
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    DATASETS[spec.name] = spec
-    return spec
+    return DATASETS.add(spec.name, spec)
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -99,20 +99,12 @@ def to_nchw_rgb(array, name: str) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def unknown_name_message(kind: str, name: str, known) -> str:
-    known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    return f"unknown {kind} {name!r}; {hint}known: {', '.join(known)}"
-
-
 def get_spec(name: str) -> DatasetSpec:
-    if name in DATASETS:
-        return DATASETS[name]
+    """The spec of a dataset name; ``npz:PATH`` and ``folder:PATH`` name the ``npz``/``folder`` loaders."""
     prefix, sep, _ = name.partition(":")
     if sep and prefix in DATASETS:
-        return DATASETS[prefix]
-    raise DatasetError(unknown_name_message("dataset", name, list(DATASETS) + ["npz:PATH", "folder:PATH"]))
+        return DATASETS.get(prefix)
+    return DATASETS.get(name)
 
 
 def data_version(name: str) -> str:

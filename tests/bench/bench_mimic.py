@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from defbench.benchmark.profiles import load_profile
+from defbench.benchmark.pipeline.settings import load_profile
 from defbench.defenses import get_defense
 from defbench.defenses.mimic import distill, mimic_loss, stage_table, uniform_weights
-from defbench.defenses.mine import estimate_mi
+from defbench.defenses.mutual_information import estimate_mi
 from defbench.encoders import RunContext, build_encoder, frozen_copy, to_float
 from defbench.encoders.augment import SimCLRAugment
 

@@ -12,8 +12,8 @@ import torch
 
 from defbench.attacks import PatchTrigger
 from defbench.attacks.badencoder import badencoder_loss
-from defbench.benchmark import evaluate as evaluation
-from defbench.benchmark.profiles import load_profile
+from defbench.benchmark.pipeline import evaluate as evaluation
+from defbench.benchmark.pipeline.settings import load_profile
 from defbench.defenses import DEFENSES, CleanData
 from defbench.encoders import RunContext, build_encoder, contrastive_loss, frozen_copy
 from defbench.encoders.augment import SimCLRAugment

@@ -9,21 +9,27 @@ ablation, the lambda = 1 points of the sweeps, the 10x10 trigger and the
 profile's clean ratio are the same stages, computed once.
 
 The evaluate stages carry ``study``, ``arm``, ``sweep`` and ``x`` labels, which
-land in the results database; ``reports/ablations.py`` renders each study
-from those rows alone. Where a study runs (attack, pre-training set, tasks)
-is the profile's ``[studies]`` section.
+land in the results database; each study carries its renderer (a function of
+``reports/ablations.py``) that draws it from those rows alone. Where a study
+runs (attack, studied defense, pre-training set, tasks) is the profile's
+``[studies]`` section; arms name settings generically (``defense.FIELD``:
+the studied defense's field), so no defense is hard-wired here.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
-from .plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
-                   pretrain_stage)
-from .profiles import Profile, load_profile
-from .stages import Stage
+from ...core import Registry
+from ...defenses import MEASUREMENTS
+from ...reports import ablations as render
+from ..pipeline.plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
+                             pretrain_stage)
+from ..pipeline.settings import Profile, load_profile
+from ..pipeline.stages import Stage
 
 EVERY_DEFENSE = ("*",)  # the profile's grid.defenses (e.g. --set 'grid.defenses=["ft","mine"]')
+STUDIED = ("studied",)  # the profile's studies.defense (the paper's: MIMIC)
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class Arm:
     overrides: dict = field(default_factory=dict)
     x: float | None = None  # the swept value, when the study sweeps one
     sweep: str = ""  # which sweep of the study (the lambda study has two)
-    defenses: tuple[str, ...] = ("mimic",)
+    defenses: tuple[str, ...] = STUDIED
     attack: str = ""  # "": the profile's studies.attack
     on_clean_encoder: bool = False  # apply the defenses to the clean encoder (Table III)
     measure: str = ""  # a measurement instead of evaluations (e.g. "stage-mi")
@@ -44,6 +50,7 @@ class Study:
     title: str
     paper: str  # where the paper shows it
     arms: tuple[Arm, ...]
+    render: Callable  # render(rows, asr_column, measurements) -> (figure, table, notes); reports/ablations.py
 
 
 def _sweep(field_name: str, values, sweep: str = "", fmt: str = "{}", **arm) -> tuple[Arm, ...]:
@@ -52,47 +59,48 @@ def _sweep(field_name: str, values, sweep: str = "", fmt: str = "{}", **arm) -> 
 
 CLEAN_RATIOS = (0.01, 0.02, 0.03, 0.04, 0.05)
 
-STUDIES: dict[str, Study] = {s.name: s for s in [
+STUDIES: Registry[Study] = Registry("report")
+for _study in [
     Study("components", "MIMIC's components: without L0 (clone), L1 (NT-Xent), L2 (attention) or the MI "
           "localisation (uniform beta)", "Figure 8", (
               Arm("MIMIC"),
-              Arm("w/o L0", {"defense.mimic.use_clone": False}),
-              Arm("w/o L1", {"defense.mimic.use_contrastive": False}),
-              Arm("w/o L2", {"defense.mimic.use_attention": False}),
-              Arm("w/o MI", {"defense.mimic.use_mi": False}),
-              Arm("clone only", {"defense.mimic.use_contrastive": False, "defense.mimic.use_attention": False}),
-          )),
+              Arm("w/o L0", {"defense.use_clone": False}),
+              Arm("w/o L1", {"defense.use_contrastive": False}),
+              Arm("w/o L2", {"defense.use_attention": False}),
+              Arm("w/o MI", {"defense.use_mi": False}),
+              Arm("clone only", {"defense.use_contrastive": False, "defense.use_attention": False}),
+          ), render.components),
     Study("lambdas", "MIMIC's loss weights: lambda1 (NT-Xent) and lambda2 (attention, a multiplier of beta)",
           "Figure 9",
-          _sweep("defense.mimic.lambda1", (0.0, 0.2, 0.4, 0.7, 1.0), "lambda1", "λ1={}")
-          + _sweep("defense.mimic.lambda2", (0.0, 0.1, 0.3, 1.0, 3.0), "lambda2", "λ2={}")),
+          _sweep("defense.lambda1", (0.0, 0.2, 0.4, 0.7, 1.0), "lambda1", "λ1={}")
+          + _sweep("defense.lambda2", (0.0, 0.1, 0.3, 1.0, 3.0), "lambda2", "λ2={}"), render.lambdas),
     Study("trigger-size", "Trigger size: 3x3, 5x5 and 10x10 white patches, BadEncoder then MIMIC", "Figure 10",
-          _sweep("attack.trigger_size", (3, 5, 10), fmt="{0}x{0}")),
+          _sweep("attack.trigger_size", (3, 5, 10), fmt="{0}x{0}"), render.trigger_size),
     Study("clean-ratio", "The defender's clean data: 1% to 5% of the pre-training set, every defense",
-          "Figure 12", _sweep("clean.fraction", CLEAN_RATIOS, fmt="{:.0%}", defenses=EVERY_DEFENSE)),
+          "Figure 12", _sweep("clean.fraction", CLEAN_RATIOS, fmt="{:.0%}", defenses=EVERY_DEFENSE),
+          render.clean_ratio),
     Study("poison-ratio", "A poisoned 'clean' set: 0% to 25% of the defender's images carry the trigger",
-          "Figure 13", _sweep("clean.poison_ratio", (0.0, 0.05, 0.1, 0.15, 0.2, 0.25), fmt="{:.0%}")),
+          "Figure 13", _sweep("clean.poison_ratio", (0.0, 0.05, 0.1, 0.15, 0.2, 0.25), fmt="{:.0%}"),
+          render.poison_ratio),
     Study("clean-encoders", "Each defense applied to a clean (unattacked) encoder: ACC before and after",
-          "Table III", (Arm("clean encoder", defenses=EVERY_DEFENSE, on_clean_encoder=True),)),
+          "Table III", (Arm("clean encoder", defenses=EVERY_DEFENSE, on_clean_encoder=True),), render.clean_encoders),
     Study("mi-layers", "MI between each stage and the feature, on clean and on triggered inputs", "Figure 4", (
         Arm("backdoored", measure="stage-mi"),
         Arm("clean", measure="stage-mi", on_clean_encoder=True),
-    )),
+    ), render.mi_layers),
     Study("adaptive", "Adaptive BadEncoder: an MI regulariser pulls the triggered MI profile onto the clean one",
           "Figure 11", (
               Arm("BadEncoder", attack="badencoder"),
               Arm("adaptive BadEncoder", attack="badencoder-adaptive"),
-          )),
+          ), render.adaptive),
     Study("cost", "Wall time of each defense, and how it grows with the clean-set size", "Section V (cost)",
-          _sweep("clean.fraction", (0.01, 0.03, 0.05), fmt="{:.0%}", defenses=EVERY_DEFENSE)),
-]}
+          _sweep("clean.fraction", (0.01, 0.03, 0.05), fmt="{:.0%}", defenses=EVERY_DEFENSE), render.cost),
+]:
+    STUDIES.add(_study.name, _study)
 
 
 def get_study(name: str) -> Study:
-    if name not in STUDIES:
-        from .datasets.base import unknown_name_message
-        raise ValueError(unknown_name_message("report", name, STUDIES))
-    return STUDIES[name]
+    return STUDIES.get(name)
 
 
 @dataclass
@@ -137,7 +145,7 @@ def plan_study(name: str, profile_name: str, sets: dict | None = None) -> StudyP
             if arm.measure:
                 arm_stages.append(_measure_stage(prof, arm, attack, pretrain, task))
                 continue
-            for defense in (prof.grid.defenses if arm.defenses == EVERY_DEFENSE else arm.defenses):
+            for defense in _defenses(arm, prof):
                 plan = clean_encoder_stages if arm.on_clean_encoder else cell_stages
                 arm_stages.extend(plan(prof, attack, defense, pretrain, task).values())
         _label(arm_stages, study, arm)
@@ -145,13 +153,21 @@ def plan_study(name: str, profile_name: str, sets: dict | None = None) -> StudyP
     return StudyPlan(study, base, base.studies.attack, pretrain, tasks, evaluations, measurements)
 
 
+def _defenses(arm: Arm, prof: Profile) -> list[str]:
+    if arm.defenses == EVERY_DEFENSE:
+        return list(prof.grid.defenses)
+    if arm.defenses == STUDIED:
+        return [prof.studies.defense]
+    return list(arm.defenses)
+
+
 def _measure_stage(prof: Profile, arm: Arm, attack: str, pretrain: str, task: str) -> Stage:
     suspect = attack_stage(prof, attack, pretrain, task)
     encoder = pretrain_stage(prof, pretrain) if arm.on_clean_encoder else suspect
-    mimic = prof.defense_config("mimic")
+    measurement = MEASUREMENTS.get(arm.measure)
     spec = {"measure": arm.measure, "trigger": suspect.spec["trigger"],
             "clean": clean_set_spec(prof, pretrain),
-            "mimic_mi": {k: v for k, v in dataclasses.asdict(mimic).items() if k.startswith("mi_") and k != "mi_source"},
+            "settings": measurement.settings_of(prof.defense_config(measurement.defense)),
             "seed": prof.seed}
     role = "clean" if arm.on_clean_encoder else "undefended"
     labels = {"profile": prof.name, "overrides": prof.overrides, "seed": prof.seed, "attack": attack,

@@ -1,9 +1,10 @@
-"""The benchmark grid: attack x defense x pre-training set x downstream task.
+"""The one way stages run: expand a list of stages into its DAG and execute it, cached and resumable.
 
+``defbench run``, ``grid``, ``report`` and the golden subset all call
+:func:`run_grid` with the stages they planned; their inputs (pre-training,
+attacks, defenses) follow from the stage DAG, each distinct key once.
 ``expand_grid`` turns a profile (plus optional narrowing) into the evaluate
-stages of every cell; their inputs (pre-training, attacks, defenses) follow
-from the stage DAG, each distinct stage once. ``run_grid`` executes them with
-one of three executors:
+stages of every Table I cell. Executors:
 
 - ``local`` with ``workers=1``: in this process;
 - ``local`` with ``workers=N``: a pool of N processes, each pinned to one
@@ -27,11 +28,58 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..encoders.runtime import log, progress_enabled
+from ...encoders.runtime import log, progress_enabled
 from .plan import cell_stages, downstream_tasks
-from .profiles import Profile
-from .runner import Outcome, expand, record_rows, run_one
-from .stages import Env, Stage
+from .settings import Profile
+from .stages import Env, Stage, record_row, run_stage
+
+
+@dataclass
+class Outcome:
+    stage: Stage
+    status: str  # ran | cached | failed | skipped
+    seconds: float = 0.0
+    error: str = ""
+
+
+def expand(stages: list[Stage]) -> list[Stage]:
+    """All stages and their inputs, each key once, inputs before their users."""
+    order: list[Stage] = []
+    seen: set[str] = set()
+
+    def visit(stage: Stage) -> None:
+        if stage.key in seen:
+            return
+        for dep in stage.deps:
+            visit(dep)
+        seen.add(stage.key)
+        order.append(stage)
+
+    for stage in stages:
+        visit(stage)
+    return order
+
+
+def run_one(stage: Stage, env: Env) -> Outcome:
+    """Run a stage unless its artifact exists (checked again under the stage's lock), then record its row."""
+    started = time.perf_counter()
+    status = "cached"
+    if not env.store.exists(stage.kind, stage.key):
+        with env.store.lock(stage.kind, stage.key):
+            if not env.store.exists(stage.kind, stage.key):
+                run_stage(stage, env)
+                status = "ran"
+    record_row(stage, env)
+    return Outcome(stage, status, time.perf_counter() - started)
+
+
+def record_rows(stages: list[Stage], env: Env) -> None:
+    """Rows for the stages that ``expand`` dropped because another stage has their key: the key ran once
+    (and ``run_one`` wrote that stage's row), but each labelling -- a grid column, a study arm -- is a row."""
+    ran = {id(stage) for stage in expand(stages)}
+    for stage in stages:
+        if id(stage) not in ran and stage.kind in ("evaluate", "measure") and env.store.exists(stage.kind, stage.key):
+            record_row(stage, env)
 
 
 @dataclass
@@ -89,7 +137,7 @@ def _safe_run(stage: Stage, env: Env) -> Outcome:
 
 def run_stage_job(stage: Stage, env: Env) -> Outcome:
     """Entry point of a submitit job: one stage, on whatever device the job got."""
-    from ..encoders import pick_device
+    from ...encoders import pick_device
     env = Env(env.store, env.db, env.data_dir, pick_device("auto") if env.device.type == "cuda" else env.device)
     return _safe_run(stage, env)
 

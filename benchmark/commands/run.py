@@ -1,14 +1,59 @@
-"""One benchmark cell end to end (``defbench run``): plan, execute, collect, print."""
+"""``defbench run``: one benchmark cell end to end: plan, execute (the grid's scheduler), collect, print."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 
+import click
 from tabulate import tabulate
 
-from .plan import cell_stages, downstream_tasks
-from .profiles import Profile
-from .runner import Outcome, execute
-from .stages import Env
+from ...attacks import ATTACKS
+from ...defenses import DEFENSES
+from ..pipeline.plan import cell_stages, downstream_tasks
+from ..pipeline.scheduler import Outcome, run_grid
+from ..pipeline.settings import Profile
+from ..pipeline.stages import Env
+from .common import check_datasets, friendly_errors, make_profile_env, profile_options
+
+
+@click.command()
+@click.option("--attack", default="badencoder", show_default=True)
+@click.option("--defense", default="ft", show_default=True)
+@click.option("--pretrain", default=None, help="pre-training set (default: the profile's first)")
+@click.option("--downstream", multiple=True, help="downstream task (repeatable; default: the pre-training set's family)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
+@profile_options
+@friendly_errors
+def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, device, data_dir, verbose):
+    """Run one benchmark cell: clean, undefended and defended ACC/ASR on each downstream task."""
+    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    ATTACKS.get(attack)
+    if defense != "none":
+        DEFENSES.get(defense)
+    if not (pretrain or prof.grid.pretrain):
+        raise click.UsageError("no pre-training set: name one with --pretrain (the profile's grid.pretrain is empty)")
+    pretrain = pretrain or prof.grid.pretrain[0]
+    tasks = downstream_tasks(pretrain, downstream)
+    per_task = {task: cell_stages(prof, attack, defense, pretrain, task) for task in tasks}  # plans = checks
+    check_datasets(prof, env, pretrain, tasks, {t: st["undefended"].spec["target"] for t, st in per_task.items()})
+    results, outcomes = run_cell(prof, env, attack, defense, pretrain, per_task)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if as_json:
+        click.echo(json.dumps({"profile": prof.name, "device": str(env.device), "seed": prof.seed,
+                               "results": results,
+                               "failed": [{"stage": o.stage.label, "error": o.error} for o in failed]},
+                              indent=1, default=_json_number))
+    else:
+        click.echo(format_cell_table(results, prof, attack, defense, pretrain, outcomes))
+    if failed:
+        for o in failed:
+            click.echo(f"defbench: stage failed: {o.stage.label}: {o.error}", err=True)
+        sys.exit(1)
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _metrics(env: Env, stage) -> dict | None:
@@ -37,10 +82,9 @@ def _fmt_record(value) -> str:
 
 
 def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: str,
-             downstream: list[str]) -> tuple[list[dict], list[Outcome]]:
-    tasks = downstream_tasks(pretrain, downstream)
-    per_task = {task: cell_stages(profile, attack, defense, pretrain, task) for task in tasks}
-    outcomes = execute([s for stages in per_task.values() for s in stages.values()], env)
+             per_task: dict[str, dict]) -> tuple[list[dict], list[Outcome]]:
+    """Run the planned stages of one cell (``per_task``: task -> role -> evaluate stage); one row per task."""
+    outcomes = run_grid([s for stages in per_task.values() for s in stages.values()], env)
     elapsed = {o.stage.key: o.seconds for o in outcomes if o.status == "ran"}
     charged: set[str] = set()  # a stage shared by several tasks is charged to the first
     results = []

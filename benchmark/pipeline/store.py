@@ -8,6 +8,7 @@ file per key keeps two workers from computing the same stage at once.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -17,10 +18,18 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+
+from ...core import UserError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no cross-process locking
     fcntl = None
+
+
+class StoreError(UserError):
+    """A stored artifact that cannot be read; the message names it and says how to recompute it."""
 
 
 class ArtifactStore:
@@ -34,7 +43,27 @@ class ArtifactStore:
         return (self.path(kind, key) / "meta.json").is_file()
 
     def read_meta(self, kind: str, key: str) -> dict:
-        return json.loads((self.path(kind, key) / "meta.json").read_text())
+        path = self.path(kind, key) / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreError(f"cannot read the stored artifact {path} ({type(err).__name__}); delete the folder "
+                             f"{path.parent} and rerun to recompute it") from None
+
+    @staticmethod
+    def save_tensor(obj, path: Path) -> None:
+        """``torch.save`` with bytes that depend only on the tensors (not on a temporary file name)."""
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        Path(path).write_bytes(buffer.getvalue())
+
+    @staticmethod
+    def load_tensor(path: Path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or damaged: say which file, and what to do
+            raise StoreError(f"cannot read the stored artifact {path} ({type(err).__name__}); delete the folder "
+                             f"{Path(path).parent} and rerun to recompute it") from None
 
     @contextlib.contextmanager
     def lock(self, kind: str, key: str):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..attacks import ATTACKS
-from ..encoders.registry import RegistryError
-from .datasets import FAMILIES, data_version, get_spec
-from .profiles import Profile
+from ...attacks import ATTACKS
+from ...core import RegistryError
+from ..datasets import FAMILIES, data_version, get_spec
+from .settings import Profile
 from .stages import Stage
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .grid import expand_grid, grid_spec, run_grid
-from .profiles import Profile
-from .stages import Env
+from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from ..pipeline.settings import Profile
+from ..pipeline.stages import Env
 
 PRETRAIN = "synth-cifar10"
 TASKS = ["synth-stl10", "synth-svhn"]

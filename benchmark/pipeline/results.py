@@ -59,8 +59,18 @@ STAGE_COLUMNS = ["stage_key", "kind", "name", "label", "seconds", "device", "cod
 
 
 class ResultsDB:
-    def __init__(self, path: str | Path):
+    """The results database at ``path``; ``readonly`` opens an existing file for reading only (tables and
+    reports: they work on a read-only copy, and never create or migrate the file)."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(2, "no results database here yet", str(self.path))
+            with self._connect() as con:
+                con.execute("SELECT count(*) FROM evaluations").fetchone()  # fails on a file of another kind
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(SCHEMA)
@@ -73,6 +83,8 @@ class ResultsDB:
                         pass
 
     def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=120)
         con = sqlite3.connect(self.path, timeout=120)
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA busy_timeout=120000")
@@ -106,7 +118,14 @@ class ResultsDB:
         return self._query("stages", where)
 
     def _query(self, table: str, where: dict) -> pd.DataFrame:
+        columns = {"evaluations": EVAL_COLUMNS, "measurements": MEASUREMENT_COLUMNS, "stages": STAGE_COLUMNS}[table]
+        unknown = set(where) - set(columns)
+        if unknown:
+            raise ValueError(f"{table} has no column {sorted(unknown)[0]!r}")
         clauses = " AND ".join(f"{k} = ?" for k in where)
         sql = f"SELECT * FROM {table}" + (f" WHERE {clauses}" if where else "")
-        with self._connect() as con:
+        con = self._connect()
+        try:
             return pd.read_sql_query(sql, con, params=list(where.values()))
+        finally:
+            con.close()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders import Encoder, RunContext, to_float
-from .profiles import EvalSettings
+from ...encoders import Encoder, RunContext, to_float
+from .settings import EvalSettings
 
 
 @torch.no_grad()

@@ -1,0 +1,63 @@
+"""``defbench golden check|update``: the regression subset (``make ci-small``) against tests/golden/ci-small.csv."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ...core import UserError
+from ..analysis import golden as g
+from .common import friendly_errors, make_profile_env, names
+
+
+@click.group()
+def golden():
+    """The regression subset (`make ci-small`): check against, or rewrite, tests/golden/ci-small.csv."""
+
+
+def _golden_options(fn):
+    fn = click.option("--file", "golden_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="golden CSV (default: tests/golden/ci-small.csv)")(fn)
+    fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")(fn)
+    fn = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                      help="parallel stages")(fn)
+    return fn
+
+
+@golden.command(name="check")
+@_golden_options
+@click.option("--all", "show_all", is_flag=True, help="list every value, not only those that moved")
+@friendly_errors
+def golden_check(golden_file, device, workers, show_all):
+    """Run the subset on the ci profile at the golden seed and diff every ACC/ASR against the golden file."""
+    path = golden_file or g.DEFAULT_FILE
+    expected = g.read_golden(path)
+    prof, env = make_profile_env("ci", (), g.golden_seed(path), device, None, False)
+    diff = g.compare(g.run_subset(prof, env, workers), expected)
+    click.echo(g.format_diff(diff, show_all))
+    if (diff.status != "ok").any():
+        sys.exit(1)
+
+
+@golden.command(name="update")
+@_golden_options
+@click.option("--seeds", default="0,1,2", show_default=True,
+              help="comma-separated seeds: the first gives the values, all of them the tolerances")
+@friendly_errors
+def golden_update(golden_file, device, workers, seeds):
+    """Deliberately rewrite the golden file (run the subset for every seed; tolerances from their spread)."""
+    try:
+        seed_list = [int(s) for s in names(seeds, "--seeds")]
+    except ValueError:
+        raise UserError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    if not seed_list:
+        raise UserError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    runs = []
+    for seed in seed_list:
+        prof, env = make_profile_env("ci", (), seed, device, None, False)
+        click.echo(f"golden: running the subset with seed {seed}")
+        runs.append(g.run_subset(prof, env, workers))
+    path = golden_file or g.DEFAULT_FILE
+    g.write_golden(g.golden_frame(runs), path, seed_list, str(env.device))
+    click.echo(f"wrote {path} ({len(runs[0])} cells x ACC/ASR, seeds {seed_list})")

@@ -1,0 +1,95 @@
+"""``defbench grid``: the attack x defense x pre-training x task grid of Table I, cached and resumable."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ...attacks import ATTACKS
+from ...core import UserError
+from ...defenses import DEFENSES
+from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from .common import check_datasets, friendly_errors, make_profile_env, names, profile_options
+
+
+def executor_options(fn):
+    fn = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                      help="parallel stages (local: processes, one per GPU when CUDA is used; submitit: jobs in "
+                           "flight)")(fn)
+    fn = click.option("--executor", type=click.Choice(["local", "submitit", "submitit-local"]), default="local",
+                      show_default=True, help="local processes, or submitit (SLURM when available)")(fn)
+    return fn
+
+
+@click.command()
+@click.option("--attacks", default="", help="comma-separated attacks (default: the profile's grid.attacks)")
+@click.option("--defenses", default="", help="comma-separated defenses (default: the profile's grid.defenses)")
+@click.option("--pretrain", "pretrain_sets", default="", help="comma-separated pre-training sets")
+@click.option("--downstream", default="", help="comma-separated tasks (default: each pre-training set's family)")
+@executor_options
+@profile_options
+@friendly_errors
+def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profile, sets, seed, device, data_dir,
+         verbose):
+    """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
+    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
+                     names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"))
+    for what, items in (("attacks", spec.attacks), ("defenses", spec.defenses), ("pretrain", spec.pretrain)):
+        if not items:
+            raise UserError(f"no {what} to run: give --{what} or set grid.{what} in the profile")
+    for name in spec.attacks:
+        ATTACKS.get(name)
+    for name in spec.defenses:
+        DEFENSES.get(name)
+    cells = expand_grid(prof, spec)  # plans every stage: every setting is checked before anything runs
+    for pretrain in spec.pretrain:
+        targets = {key[3]: stage.spec["target"] for key, stage in cells.items() if key[2] == pretrain}
+        check_datasets(prof, env, pretrain, list(targets), targets)
+    outcomes = run_and_summarise(list(cells.values()), env, executor, workers, prof)
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
+
+
+def run_and_summarise(stages, env, executor, workers, prof):
+    """Run ``stages`` with the chosen executor and print the summary; returns the outcomes."""
+    env.store.sweep_temporaries()
+    started = time.perf_counter()
+    outcomes = run_grid(stages, env, executor, workers,
+                        slurm={"partition": prof.grid.slurm_partition, "gpus": prof.grid.slurm_gpus,
+                               "cpus": prof.grid.slurm_cpus, "timeout_min": prof.grid.slurm_timeout_min})
+    click.echo(format_summary(outcomes, time.perf_counter() - started, env.store))
+    return outcomes
+
+
+def format_summary(outcomes, seconds: float, store=None) -> str:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "cached", "failed", "skipped")}
+    lines = [f"grid: {len(outcomes)} stages in {seconds:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    by_kind: dict[str, list[float]] = {}
+    for o in outcomes:
+        if o.status == "ran":
+            by_kind.setdefault(o.stage.kind, []).append(o.seconds)
+    for kind, times in by_kind.items():
+        lines.append(f"  ran {len(times):3d} {kind:<8} stages, {sum(times):8.0f} s")
+    if store is not None and counts["cached"]:
+        earlier = sum(_recorded_seconds(store, o.stage) for o in outcomes if o.status == "cached")
+        total = earlier + sum(sum(t) for t in by_kind.values())
+        lines.append(f"  the {counts['cached']} cached stages took {earlier:.0f} s when they ran; "
+                     f"all {counts['ran'] + counts['cached']} finished stages: {total:.0f} s ({total / 3600:.1f} h) "
+                     "of compute")
+    for o in outcomes:
+        if o.status == "failed":
+            lines.append(f"  FAILED  {o.stage.label}: {o.error}")
+    skipped = counts["skipped"]
+    if skipped:
+        lines.append(f"  {skipped} stages skipped because an input failed")
+    return "\n".join(lines)
+
+
+def _recorded_seconds(store, stage) -> float:
+    """The compute time a finished stage's artifact recorded (0 where the record is unreadable)."""
+    try:
+        return float(store.read_meta(stage.kind, stage.key).get("seconds", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0

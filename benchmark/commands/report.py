@@ -1,0 +1,64 @@
+"""``defbench report``: the paper's studies beyond Table I, each a small grid plus a figure and a table."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ...reports import ablations
+from ...reports.tables import ReportError
+from ..analysis.studies import STUDIES, plan_study
+from .common import check_datasets, friendly_errors, make_profile_env, profile_options, where
+from .grid import executor_options, run_and_summarise
+
+
+@click.command()
+@click.argument("name")
+@executor_options
+@click.option("--no-run", is_flag=True, help="only render from the results database (fail if results are missing)")
+@click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/out"),
+              show_default=True, help="where the figures, tables and markdown go")
+@profile_options
+@friendly_errors
+def report(name, executor, workers, no_run, asr_convention, out_dir, profile, sets, seed, device, data_dir,
+           verbose):
+    """Run one of the paper's studies (or `all`) through the grid runner and render its figure and table.
+
+    Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
+    adaptive, cost. `all` also writes OUT_DIR/ablations.md with every figure and its numbers."""
+    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    studies = STUDIES.names() if name == "all" else [STUDIES.get(name).name]
+    plans = [plan_study(n, profile, prof.overrides) for n in studies]
+    if not no_run:
+        for plan in plans:
+            check_datasets(prof, env, plan.pretrain, plan.tasks)
+        run_and_summarise([s for plan in plans for s in plan.stages], env, executor, workers, prof)
+    failures: dict[str, str] = {}
+    sections = []
+    for plan in plans:
+        study = plan.study
+        try:
+            with where(f"cannot read the results database {env.db.path}"):
+                evaluations, measurements = env.db.evaluations(study=study.name), env.db.measurements(study=study.name)
+            built = ablations.build(study, evaluations, measurements, plan.expected(plan.evaluations),
+                                    plan.expected(plan.measurements), prof.name, prof.seed, asr_convention)
+        except ReportError as err:
+            failures[study.name] = str(err)
+            click.echo(f"defbench: {err}", err=True)  # the message names the study
+            continue
+        with where(f"cannot write the report into {out_dir}"):
+            written = ablations.write(built, out_dir)
+        sections.append(ablations.section(built))
+        click.echo(f"report {study.name}: wrote {written['png']}, {written['svg']}, {written['md']}")
+    if name == "all":
+        header = (f"# The paper's studies, profile {prof.name}, seed {prof.seed}\n\n"
+                  f"Rendered by `defbench report all --profile {prof.name}` from the results database; "
+                  f"ASR convention: {ablations.ASR_NOTE[asr_convention]}. All numbers in %, times in seconds.")
+        with where(f"cannot write into {out_dir}"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "ablations.md").write_text(ablations.page(sections, failures, header))
+        click.echo(f"wrote {out_dir / 'ablations.md'}")
+    if failures:
+        sys.exit(1)

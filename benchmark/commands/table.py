@@ -1,0 +1,74 @@
+"""``defbench table``: Table I or the defense cost table, rendered from the results database."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from ...core import UserError
+from ...defenses import DEFENSES
+from ...reports import tables
+from .. import paths
+from ..pipeline.plan import planned_evaluation_key
+from ..pipeline.results import ResultsDB
+from ..pipeline.settings import parse_sets
+from .common import friendly_errors, names, profile_from_options, where
+
+
+def open_results(profile: str) -> ResultsDB:
+    """The results database, read-only (works on a read-only copy; never creates one)."""
+    path = paths.results_db()
+    if not path.is_file():
+        raise tables.ReportError(f"no results database at {path}; run `defbench grid --profile {profile}` first")
+    with where(f"cannot read the results database {path}",
+               "is it a defbench results database? move it away or point DEFBENCH_HOME elsewhere"):
+        return ResultsDB(path, readonly=True)
+
+
+def write_output(text: str, output: str | None) -> None:
+    if not output:
+        click.echo(text, nl=not text.endswith("\n"))  # CSV/markdown end with their own newline
+        return
+    with where(f"cannot write {output}", "choose a path in a writable folder"):
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+    click.echo(f"wrote {output}")
+
+
+@click.command()
+@click.argument("name", type=click.Choice(["table1", "cost"]))
+@click.option("--profile", default="tiny", show_default=True)
+@click.option("--seed", type=int, default=None, help="rows of this seed (default: the profile's)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="rows computed with these overrides")
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
+@click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
+@click.option("--compare-paper", is_flag=True, help="show the paper's published value beside each cell")
+@click.option("--defenses", default="", help="comma-separated columns (default: the profile's grid + any others found)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write here instead of stdout")
+@friendly_errors
+def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defenses, output):
+    """Render Table I (or the defense cost table) from the results database."""
+    prof = profile_from_options(profile, sets, seed)
+    chosen = names(defenses, "--defenses")
+    db = open_results(prof.name)
+    with where(f"cannot read the results database {db.path}"):
+        found = db.evaluations(profile=prof.name)
+    rows, stale = tables.select_rows(found, prof.seed, functools.partial(planned_evaluation_key, prof))
+    for defense in chosen:
+        if defense not in DEFENSES and defense not in set(rows.defense):
+            raise UserError(f"--defenses: {defense!r} is neither a registered defense nor in the results; "
+                            f"known: {', '.join(DEFENSES.names())}")
+    notes = [tables.stale_note(stale, prof.name)] if stale else []
+    if name == "cost":
+        text = tables.render_cost(tables.cost_table(rows), fmt, notes)
+    else:
+        columns = chosen or list(prof.grid.defenses) + sorted(
+            set(rows[rows.role == "defended"].defense) - set(prof.grid.defenses))
+        frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
+        title = f"Table I, profile {prof.name}, seed {prof.seed}: ACC / ASR (%)"
+        text = tables.render(frame, columns, fmt, table_notes + notes, title)
+    write_output(text, output)
+
+
+__all__ = ["table", "open_results", "write_output", "parse_sets"]

@@ -1,0 +1,278 @@
+"""The stage kinds and how each one runs.
+
+A :class:`Stage` is pure data: its kind, a JSON-able ``spec`` holding
+everything that determines its output, and the stages it depends on. Its key
+hashes the spec, the keys of its inputs and the code version of the modules it
+runs (:mod:`.keys`), so changing any of them yields a new artifact while
+everything else stays cached. ``labels`` only name results (attack, defense,
+role...) and are not part of the key.
+
+1. pretrain(dataset)                      -> clean encoder
+2. attack(attack, [clean encoder], task)  -> suspect encoder
+3. defend(defense, encoder, clean subset) -> defended encoder
+4. evaluate(encoder, task, trigger)       -> ACC / ASR (+ a results row)
+5. measure(measurement, encoder)          -> a measurement of a study (+ a results row)
+
+A stage whose weights, features or losses are not finite fails with the stage
+named, and leaves no artifact and no row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ...attacks import ATTACKS, trigger_from_description
+from ...core import UserError
+from ...defenses import DEFENSES, MEASUREMENTS, CleanData
+from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_encoder, save_encoder, train_simclr
+from . import evaluate as evaluation
+from . import inputs
+from .keys import code_version, digest
+from .results import ResultsDB
+from .settings import EvalSettings
+from .store import ArtifactStore
+
+ENCODER_KINDS = ("pretrain", "attack", "defend")
+# Part of every key: bump it when the way stages are seeded changes, so no artifact made under
+# the old seeding is reused beside new ones.
+SEEDING = 2
+INPUTS = "defbench.benchmark.pipeline.inputs"
+
+
+class NonFiniteError(UserError):
+    """A stage produced NaN or infinite weights, features or losses."""
+
+
+@dataclass(eq=False)
+class Stage:
+    kind: str
+    name: str
+    spec: dict
+    deps: tuple["Stage", ...] = ()
+    labels: dict = field(default_factory=dict)
+
+    @cached_property
+    def code(self) -> str:
+        """The code version of every project module this stage runs (see :mod:`.keys`)."""
+        roots = {"pretrain": lambda: "defbench.encoders.simclr",
+                 "attack": lambda: ATTACKS.get(self.name).module,
+                 "defend": lambda: DEFENSES.get(self.name).module,
+                 "evaluate": lambda: "defbench.benchmark.pipeline.evaluate",
+                 "measure": lambda: MEASUREMENTS.get(self.name).fn.__module__}[self.kind]()
+        return code_version(roots, INPUTS)
+
+    @cached_property
+    def key(self) -> str:
+        return digest({"kind": self.kind, "name": self.name, "spec": self.spec,
+                       "deps": [d.key for d in self.deps], "code": self.code, "seeding": SEEDING})
+
+    @cached_property
+    def seed_identity(self) -> str:
+        """The key without code versions: what the stage computes, not how its code is written."""
+        return digest({"kind": self.kind, "name": self.name, "spec": self.spec,
+                       "deps": [d.seed_identity for d in self.deps]})
+
+    @property
+    def label(self) -> str:
+        return self.labels.get("label") or f"{self.kind} {self.name}"
+
+    def seed(self) -> int:
+        # Not from the key: a refactor that changes no numerics must give bit-identical numbers,
+        # so editing a module re-runs its stages but never re-draws their random numbers.
+        return int(self.seed_identity[:8], 16) % (2**31)
+
+
+@dataclass
+class Env:
+    store: ArtifactStore
+    db: ResultsDB
+    data_dir: Path
+    device: torch.device
+
+
+def load_stage_encoder(env: Env, stage: Stage) -> Encoder:
+    return load_encoder(env.store.path(stage.kind, stage.key) / "encoder.pt")
+
+
+# ----------------------------------------------------------------- finiteness
+
+def _check_encoder(stage: Stage, encoder: Encoder) -> None:
+    bad = [name for name, t in encoder.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"{stage.label}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
+                             "the settings make training diverge (a learning rate too large?)")
+
+
+def _check_tensor(stage: Stage, what: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"{stage.label}: the {what} hold NaN or inf; the encoder is broken")
+
+
+def _non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _check_losses(stage: Stage, records: dict) -> None:
+    bad = [k for k, v in records.items() if "loss" in k and _non_finite(v)]
+    if bad:
+        raise NonFiniteError(f"{stage.label}: the recorded {bad[0]} holds NaN or inf; training diverged")
+
+
+# ----------------------------------------------------------------- runners
+
+def _run_pretrain(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    s = stage.spec
+    encoder = build_encoder(s["encoder"]).to(ctx.device)
+    history = train_simclr(encoder, inputs.pretrain_images(env.data_dir, s), SimCLRConfig(**s["recipe"]), ctx,
+                           desc=f"pretrain {s['dataset']}")
+    ctx.record("loss_history", history)
+    return {"encoder": encoder}
+
+
+def _run_attack(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    s = stage.spec
+    component = ATTACKS.get(s["attack"])
+    clean = load_stage_encoder(env, stage.deps[0]) if stage.deps else None
+    encoder = component.fn(inputs.attack_inputs(env.data_dir, s, clean), component.config(**s["config"]), ctx)
+    return {"encoder": encoder}
+
+
+def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    s = stage.spec
+    component = DEFENSES.get(s["defense"])
+    images, index = inputs.clean_subset(env.data_dir, s["clean"])
+    torch.save(index, out / "clean_indices.pt")
+    suspect = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
+    encoder = component.fn(suspect, CleanData(images), component.config(**s["config"]), ctx)
+    if not isinstance(encoder, Encoder):
+        raise TypeError(f"defense {s['defense']!r} returned {type(encoder).__name__}, not an Encoder")
+    return {"encoder": encoder, "result": {"n_clean": len(images)}}
+
+
+def _features(env: Env, stage: Stage, encoder: Encoder, ctx: RunContext, images: torch.Tensor, split_id: str,
+              trigger_desc: dict | None, batch: int) -> torch.Tensor:
+    """Features of one encoder on one (sub)set, computed once and kept in the store."""
+    encoder_stage = stage.deps[0]
+    key = digest([encoder_stage.key, split_id, trigger_desc])
+    path = env.store.path("features", key) / "features.pt"
+    if env.store.exists("features", key):
+        return env.store.load_tensor(path)
+    trigger = trigger_from_description(trigger_desc) if trigger_desc else None
+    feats = evaluation.extract_features(encoder, images, ctx, batch, trigger, desc=f"features {split_id}")
+    _check_tensor(stage, f"features of {split_id}{' (triggered)' if trigger else ''}", feats)
+    with env.store.lock("features", key), env.store.writing("features", key, {"split": split_id}) as tmp:
+        env.store.save_tensor(feats, tmp / "features.pt")
+    return feats
+
+
+def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    s = stage.spec
+    cfg = EvalSettings(**{**s["eval"], "hidden": tuple(s["eval"]["hidden"])})
+    encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
+    splits = inputs.evaluation_splits(env.data_dir, s, cfg.max_train, cfg.max_test)
+    (train, train_id), (test, test_id) = splits["train"], splits["test"]
+    f_train = _features(env, stage, encoder, ctx, train.images, train_id, None, cfg.feature_batch)
+    f_test = _features(env, stage, encoder, ctx, test.images, test_id, None, cfg.feature_batch)
+    f_trig = _features(env, stage, encoder, ctx, test.images, test_id, s["trigger"], cfg.feature_batch)
+    probe = evaluation.train_probe(f_train, train.labels, max(train.num_classes, test.num_classes), cfg, ctx)
+    metrics = evaluation.score(evaluation.predict(probe, f_test, ctx.device),
+                               evaluation.predict(probe, f_trig, ctx.device), test.labels, s["target"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {"result": metrics}
+
+
+def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    s = stage.spec
+    measurement = MEASUREMENTS.get(stage.name)
+    encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
+    images, _ = inputs.clean_subset(env.data_dir, s["clean"])
+    named = {"clean": images, "triggered": trigger_from_description(s["trigger"]).apply(images)}
+    result = measurement.fn(encoder, named, s["settings"], ctx)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return {"result": result}
+
+
+RUNNERS = {"pretrain": _run_pretrain, "attack": _run_attack, "defend": _run_defend, "evaluate": _run_evaluate,
+           "measure": _run_measure}
+
+
+def run_stage(stage: Stage, env: Env) -> dict:
+    """Compute one stage (its inputs must exist) and write its artifact; returns its meta."""
+    ctx = RunContext(device=env.device).reseed(stage.seed())
+    started = time.perf_counter()
+    meta = {"name": stage.name, "spec": stage.spec, "deps": [d.key for d in stage.deps],
+            "code_version": stage.code, "device": str(env.device), "labels": stage.labels,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with env.store.writing(stage.kind, stage.key, meta) as out:
+        output = RUNNERS[stage.kind](stage, env, ctx, out)
+        _check_losses(stage, ctx.records)
+        if "encoder" in output:
+            _check_encoder(stage, output["encoder"])
+            save_encoder(output["encoder"], out / "encoder.pt")
+        meta.update(result=output.get("result", {}), records=ctx.records, seconds=time.perf_counter() - started)
+    env.db.add_stage({"stage_key": stage.key, "kind": stage.kind, "name": stage.name, "label": stage.label,
+                      "seconds": meta["seconds"], "device": meta["device"], "code_version": stage.code,
+                      "spec": stage.spec, "records": ctx.records})
+    return meta
+
+
+# ----------------------------------------------------------------- results rows
+
+def _row_key(stage: Stage) -> str:
+    return digest([stage.key, {k: v for k, v in stage.labels.items() if k != "label"}])
+
+
+def record_evaluation(stage: Stage, env: Env) -> dict:
+    """(Re)write the results row of a finished evaluate stage from its artifact; returns the row."""
+    meta = env.store.read_meta(stage.kind, stage.key)
+    encoder_stage = stage.deps[0]
+    encoder_meta = env.store.read_meta(encoder_stage.kind, encoder_stage.key)
+    labels = stage.labels
+    row = {
+        "row_key": _row_key(stage), "eval_key": stage.key, "encoder_key": encoder_stage.key,
+        "profile": labels.get("profile"), "overrides": labels.get("overrides", {}), "seed": labels.get("seed"),
+        "attack": labels.get("attack"), "defense": labels.get("defense"), "role": labels.get("role"),
+        "pretrain": labels.get("pretrain"), "downstream": stage.spec["downstream"], "target": stage.spec["target"],
+        **{k: meta["result"][k] for k in ("acc", "asr_all", "asr_excl", "n_test")},
+        "encoder_seconds": encoder_meta.get("seconds"), "eval_seconds": meta.get("seconds"),
+        "device": meta.get("device"), "code_version": stage.code,
+        "config": {"eval": stage.spec, "encoder": encoder_meta.get("spec")},
+        "extra": {**{k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
+                     if not (isinstance(v, list) and len(v) > 64)},
+                  **{k: v for k, v in encoder_meta.get("result", {}).items() if k == "n_clean"}},
+        **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
+    }
+    env.db.add_evaluation(row)
+    return row
+
+
+def record_measurement(stage: Stage, env: Env) -> dict:
+    """(Re)write the results row of a finished measure stage; idempotent like ``record_evaluation``."""
+    meta = env.store.read_meta(stage.kind, stage.key)
+    labels = stage.labels
+    row = {"row_key": _row_key(stage), "stage_key": stage.key, "name": stage.name, "result": meta["result"],
+           "seconds": meta.get("seconds"), "device": meta.get("device"), "code_version": stage.code,
+           **{k: labels.get(k) for k in ("study", "arm", "profile", "overrides", "seed", "attack", "defense",
+                                         "pretrain", "downstream", "role")}}
+    env.db.add_measurement(row)
+    return row
+
+
+def record_row(stage: Stage, env: Env) -> None:
+    """The results row of a finished evaluate/measure stage (idempotent: restores a lost row)."""
+    if stage.kind == "evaluate":
+        record_evaluation(stage, env)
+    elif stage.kind == "measure":
+        record_measurement(stage, env)

@@ -1,0 +1,177 @@
+"""The one registry type: name -> item, with "did you mean" errors and entry-point plugins.
+
+Attacks, defenses, architectures, datasets, trigger types, measurements,
+detectors and studies are all :class:`Registry` instances. Attacks and defenses
+use :class:`ComponentRegistry`, whose items are :class:`Component` s: a callable
+plus a config dataclass (defaults = the published "paper" settings) and its
+per-profile values (``profiles={"tiny": {...}, "ci": {...}}``). Third-party
+packages add items through an entry-point group (``defbench.attacks``,
+``defbench.defenses``): the entry point names a module, importing it runs its
+``register`` calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from .config import build_config
+from .errors import RegistryError, UserError  # noqa: F401  (UserError: re-exported)
+
+T = TypeVar("T")
+log = logging.getLogger("defbench")
+
+
+def unknown_name_message(kind: str, name: str, known) -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(str(name), known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown {kind} {name!r}; {hint}known: {', '.join(known)}"
+
+
+class Registry(Generic[T]):
+    """Named items of one kind; ``get`` fails with the nearest known names."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, extra_names: tuple[str, ...] = ()):
+        self.kind = kind
+        self.group = entry_point_group
+        self.extra_names = extra_names  # shown in "known: ..." (e.g. the npz:PATH dataset spelling)
+        self._items: dict[str, T] = {}
+        self._plugins_loaded = entry_point_group is None
+
+    def add(self, name: str, item: T) -> T:
+        """Register ``item`` under ``name``; registering another item under a taken name is an error."""
+        if name in self._items and self._items[name] is not item:
+            raise RegistryError(f"{self.kind} {name!r} is registered twice ({_origin(self._items[name])} and "
+                                f"{_origin(item)})")
+        self._items[name] = item
+        return item
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of :meth:`add`."""
+        return lambda item: self.add(name, item)
+
+    def load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        load_plugin_files()
+        for ep in metadata.entry_points(group=self.group):
+            try:
+                ep.load()
+            except Exception as err:  # a broken plugin must not take the built-ins down
+                log.warning("could not load %s plugin %r (%s): %s", self.kind, ep.name, ep.value, err)
+
+    def names(self) -> list[str]:
+        self.load_plugins()
+        return sorted(self._items)
+
+    def get(self, name: str) -> T:
+        self.load_plugins()
+        if name not in self._items:
+            raise RegistryError(unknown_name_message(self.kind, name, [*self._items, *self.extra_names]))
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        self.load_plugins()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def items(self) -> list[T]:
+        return [self._items[n] for n in self.names()]
+
+
+PLUGIN_ENV = "DEFBENCH_PLUGINS"
+_loaded_files: set[str] = set()
+
+
+def load_plugin_files() -> None:
+    """Import the ``.py`` files named in ``$DEFBENCH_PLUGINS`` (separated by ``os.pathsep``; a folder means every
+    ``.py`` in it): a new attack or defense as one file, no package and no fork. Each becomes module
+    ``defbench_plugins.<stem>``; a file that fails to import is logged and skipped."""
+    entries = [e for e in os.environ.get(PLUGIN_ENV, "").split(os.pathsep) if e.strip()]
+    files = []
+    for entry in entries:
+        path = Path(entry).expanduser()
+        files += sorted(path.glob("*.py")) if path.is_dir() else [path]
+    for path in files:
+        key = str(path.resolve())
+        if key in _loaded_files:
+            continue
+        _loaded_files.add(key)
+        name = f"defbench_plugins.{path.stem}"
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"not a Python file: {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        except Exception as err:  # a broken plugin must not take the built-ins down
+            sys.modules.pop(name, None)
+            log.warning("could not load plugin file %s (from $%s): %s", path, PLUGIN_ENV, err)
+
+
+def _origin(item) -> str:
+    return getattr(item, "module", None) or getattr(item, "__module__", None) or type(item).__name__
+
+
+@dataclass
+class Component:
+    """An attack or defense: ``fn`` plus its config dataclass, summary and per-profile values."""
+    name: str
+    fn: Callable[..., Any]
+    config: type
+    summary: str
+    profiles: dict[str, dict] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # kind-specific flags
+    kind: str = "component"
+
+    @property
+    def module(self) -> str:
+        return self.fn.__module__
+
+    def config_fields(self) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(self.config)}
+
+    def make_config(self, profile: str | None = None, *override_layers: dict) -> Any:
+        """Paper defaults < this component's ``profiles[profile]`` < each override layer, typed and checked.
+
+        (The benchmark resolves profiles with inheritance and provenance in ``benchmark.pipeline.settings``;
+        this is the short form for tests and scripts.)"""
+        values: dict[str, Any] = dict(self.profiles.get(profile, {})) if profile else {}
+        for layer in override_layers:
+            values.update(layer)
+        return build_config(self.config, values, f"{self.kind} {self.name}")
+
+
+class ComponentRegistry(Registry[Component]):
+    """Attacks or defenses, registered with ``@registry.component(name, config=..., summary=...)``."""
+
+    def component(self, name: str, *, config: type, summary: str, profiles: dict | None = None,
+                  **options) -> Callable:
+        if not dataclasses.is_dataclass(config):
+            raise TypeError(f"{self.kind} {name!r}: config must be a dataclass, got {config!r}")
+
+        def decorate(obj):
+            fn = obj() if inspect.isclass(obj) else obj
+            previous = self._items.get(name)
+            if previous is not None and previous.fn is not fn:
+                raise RegistryError(f"{self.kind} {name!r} is registered twice "
+                                    f"({previous.module} and {fn.__module__})")
+            self._items[name] = Component(name, fn, config, summary, dict(profiles or {}), options, self.kind)
+            return obj
+        return decorate
