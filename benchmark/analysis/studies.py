@@ -120,9 +120,9 @@ class StudyPlan:
     @staticmethod
     def expected(stages: list[Stage]) -> list[dict]:
         """What the report needs from the results database: one label dict per row."""
-        keys = ("arm", "role", "defense", "attack", "overrides")
-        return [{**{k: s.labels.get(k) for k in keys}, "downstream": s.spec.get("downstream", s.labels.get("downstream")),
-                 "key": s.key} for s in stages]
+        keys = ("arm", "role", "defense", "attack", "overrides", "seed")
+        return [{**{k: s.labels.get(k) for k in keys},
+                 "downstream": s.spec.get("downstream", s.labels.get("downstream")), "key": s.key} for s in stages]
 
 
 def _label(stages, study: Study, arm: Arm) -> None:

@@ -10,7 +10,7 @@ from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
 from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
-from .common import check_datasets, friendly_errors, make_profile_env, names, profile_options
+from .common import check_datasets, friendly_errors, names, open_env, profile_options
 
 
 def executor_options(fn):
@@ -27,13 +27,17 @@ def executor_options(fn):
 @click.option("--defenses", default="", help="comma-separated defenses (default: the profile's grid.defenses)")
 @click.option("--pretrain", "pretrain_sets", default="", help="comma-separated pre-training sets")
 @click.option("--downstream", default="", help="comma-separated tasks (default: each pre-training set's family)")
+@click.option("--seeds", default="", metavar="0,1,2", help="run the grid once per seed (stages are keyed by seed)")
 @executor_options
 @profile_options
 @friendly_errors
-def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profile, sets, seed, device, data_dir,
-         verbose):
+def grid(attacks, defenses, pretrain_sets, downstream, seeds, executor, workers, profile, sets, seed, device,
+         data_dir, verbose):
     """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
-    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    from .table import seed_profiles
+    profiles = seed_profiles(profile, sets, seed, seeds)
+    prof = profiles[0]
+    env = open_env(prof, device, data_dir, verbose)
     spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
                      names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"))
     for what, items in (("attacks", spec.attacks), ("defenses", spec.defenses), ("pretrain", spec.pretrain)):
@@ -43,7 +47,9 @@ def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profil
         ATTACKS.get(name)
     for name in spec.defenses:
         DEFENSES.get(name)
-    cells = expand_grid(prof, spec)  # plans every stage: every setting is checked before anything runs
+    cells = {}  # plans every stage of every seed: every setting is checked before anything runs
+    for p in profiles:
+        cells.update({(*key, p.seed): stage for key, stage in expand_grid(p, spec).items()})
     for pretrain in spec.pretrain:
         targets = {key[3]: stage.spec["target"] for key, stage in cells.items() if key[2] == pretrain}
         check_datasets(prof, env, pretrain, list(targets), targets)

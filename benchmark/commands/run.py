@@ -21,7 +21,8 @@ from .common import check_datasets, friendly_errors, make_profile_env, profile_o
 @click.option("--attack", default="badencoder", show_default=True)
 @click.option("--defense", default="ft", show_default=True)
 @click.option("--pretrain", default=None, help="pre-training set (default: the profile's first)")
-@click.option("--downstream", multiple=True, help="downstream task (repeatable; default: the pre-training set's family)")
+@click.option("--downstream", multiple=True,
+              help="downstream task (repeatable; default: the pre-training set's family)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
 @profile_options
 @friendly_errors

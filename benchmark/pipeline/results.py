@@ -50,7 +50,8 @@ EVAL_COLUMNS = ["row_key", "eval_key", "encoder_key", "profile", "overrides", "s
                 "encoder_seconds", "eval_seconds", "device", "code_version", "config", "extra", "created_at",
                 "study", "arm", "sweep", "x"]
 MEASUREMENT_COLUMNS = ["row_key", "stage_key", "name", "study", "arm", "profile", "overrides", "seed", "attack",
-                       "defense", "pretrain", "downstream", "role", "result", "seconds", "device", "code_version", "created_at"]
+                       "defense", "pretrain", "downstream", "role", "result", "seconds", "device", "code_version",
+                       "created_at"]
 # columns added after the first release: (table, column, type), added to older databases on open
 ADDED_COLUMNS = [("evaluations", "study", "TEXT"), ("evaluations", "arm", "TEXT"), ("evaluations", "sweep", "TEXT"),
                  ("evaluations", "x", "REAL")]

@@ -307,8 +307,8 @@ def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = No
     for layer in layers:
         for key in layer.values:
             _check_key(key, layer.source)
-    profile = Profile(name=chain[0][0], chain=[name for name, _, _ in chain], layers=layers,
-                      builtin_chain=[name for name, source, _ in reversed(chain) if not source.startswith("profile file")],
+    builtins = [name for name, source, _ in reversed(chain) if not source.startswith("profile file")]
+    profile = Profile(name=chain[0][0], chain=[name for name, _, _ in chain], layers=layers, builtin_chain=builtins,
                       origin=name_or_path)
     values: dict[str, object] = {}
     for layer in layers:
