@@ -373,6 +373,32 @@ def cost(rows, asr, meas=None):
     return fig, table.reset_index(), notes
 
 
+def frontier(rows, asr, meas=None):
+    """ASR and ACC of each defense against its measured wall time, one line per defense over its budgets."""
+    defended = rows[rows.role == "defended"]
+    per = _mean_by(defended, ["sweep", "x", "arm"], asr).sort_values(["sweep", "x"], kind="stable")
+    order = list(dict.fromkeys(defended.sweep))
+    undefended = _reference(rows, "undefended", asr)
+    fig, axes = _figure(2)
+    for ax, metric, ref in zip(axes, ("ASR", "ACC"), (undefended[1], undefended[0])):
+        for defense in order:
+            part = per[per.sweep == defense]
+            ax.errorbar(part.seconds, part[metric], yerr=_err(part[f"{metric} sd"]), marker="o", linewidth=1.5,
+                        capsize=2, label=defense)
+        ax.axhline(ref, color=REF_COLOUR, linestyle="--", linewidth=1, label="undefended")
+        ax.set_xscale("log")
+        ax.set_title(f"{metric} against compute")
+        _percent_axis(ax, "wall time of the defense (s, log scale)", f"{metric} (%)", legend_columns=5)
+    columns = ["sweep", "x", "arm", "seconds", "ACC", "ASR"] + [c for c in ("ACC sd", "ASR sd") if per[c].notna().any()]
+    table = per[columns].rename(columns={"sweep": "defense", "x": "budget scale", "arm": "budget"})
+    table["budget"] = table.budget.str.extract(r"\((.*)\)$", expand=False)
+    table["defense"] = pd.Categorical(table.defense, order, ordered=True)
+    table = table.sort_values(["defense", "budget scale"]).reset_index(drop=True)
+    return fig, table, [f"undefended: ACC {undefended[0]:.2f}, ASR {undefended[1]:.2f}",
+                        "each defense at 1/4, 1/2, 1, 2 and 4 times its own budget (the fields it declares); "
+                        "seconds = the defend stage's measured wall time; nothing is selected by ASR"]
+
+
 # ----------------------------------------------------------------- building and writing
 
 def build(study, evaluations: pd.DataFrame, measurements: pd.DataFrame, expected_rows: list[dict],
