@@ -168,6 +168,27 @@ def components(rows, asr, meas=None) -> tuple[plt.Figure, pd.DataFrame, list[str
     return fig, table.rename(columns={"arm": "variant"}), []
 
 
+def regime(rows, asr, meas=None):
+    """The studied defense under each one-factor change: ACC line, ASR bars, with each arm's undefended
+    reference (the width arm has its own encoder) and the defense's wall time."""
+    defended = rows[rows.role == "defended"]
+    means = _mean_by(defended, ["arm"], asr)
+    reference = _mean_by(rows[rows.role == "undefended"], ["arm"], asr).set_index("arm")
+    fig, (ax,) = _figure(width=8.5)
+    _bars_and_line(ax, list(means.arm), means.ACC, means.ASR, xlabel="setting (one factor changed)",
+                   acc_sd=means["ACC sd"], asr_sd=means["ASR sd"])
+    ax.plot(range(len(means)), reference.loc[means.arm, "ASR"], linestyle="none", marker="_", markersize=18,
+            color=REF_COLOUR, label="ASR undefended")
+    _legend_below(ax)
+    ax.tick_params(axis="x", labelrotation=20)
+    table = _per_task_table(defended, ["arm"], asr)
+    table.insert(1, "seconds", means.seconds.values)
+    table.insert(1, "undefended ASR", reference.loc[means.arm, "ASR"].values)
+    return fig, table.rename(columns={"arm": "setting"}), [
+        "one factor changed at a time around the profile's setting; seconds = the defend stage's wall time; "
+        "the width arm pre-trains and attacks its own wider encoder (its undefended ASR is its own)"]
+
+
 def lambdas(rows, asr, meas=None):
     defended = rows[rows.role == "defended"]
     undefended = _reference(rows, "undefended", asr)

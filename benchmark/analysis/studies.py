@@ -86,6 +86,22 @@ def frontier_arms(profile: Profile) -> tuple[Arm, ...]:
                             x=scale, sweep=defense, defenses=(defense,)))
     return tuple(arms)
 
+def regime_arms(profile: Profile) -> tuple[Arm, ...]:
+    """The studied defense (MIMIC) one factor at a time around the profile's setting: its lr x10, the paper's
+    Eq. 6 attention term, 4x and 16x its epochs, twice the encoder width, three times the clean set."""
+    cfg = profile.defense_config(profile.studies.defense)
+    fraction = min(1.0, 3 * profile.clean.fraction)
+    return (
+        Arm("as profiled"),
+        Arm(f"lr {cfg.lr * 10:g}", {"defense.lr": cfg.lr * 10}),
+        Arm("Eq. 6 attention", {"defense.attention_form": "eq6"}),
+        Arm(f"{4 * cfg.epochs} epochs", {"defense.epochs": 4 * cfg.epochs}, x=4 * cfg.epochs),
+        Arm(f"{16 * cfg.epochs} epochs", {"defense.epochs": 16 * cfg.epochs}, x=16 * cfg.epochs),
+        Arm(f"width {2 * profile.encoder.width}", {"encoder.width": 2 * profile.encoder.width}),
+        Arm(f"clean x{fraction / profile.clean.fraction:g}", {"clean.fraction": fraction}),
+    )
+
+
 STUDIES: Registry[Study] = Registry("report")
 for _study in [
     Study("components", "MIMIC's components: without L0 (clone), L1 (NT-Xent), L2 (attention) or the MI "
@@ -124,6 +140,8 @@ for _study in [
           _sweep("clean.fraction", (0.01, 0.03, 0.05), fmt="{:.0%}", defenses=EVERY_DEFENSE), render.cost),
     Study("frontier", "Efficacy against compute: each defense at 1/4 to 4 times its own budget",
           "(this benchmark)", frontier_arms, render.frontier),
+    Study("mimic-regime", "MIMIC's regime, one factor at a time: lr, the attention term's form, epochs, encoder "
+          "width, clean-set size", "(this benchmark)", regime_arms, render.regime),
 ]:
     STUDIES.add(_study.name, _study)
 
