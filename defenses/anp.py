@@ -229,7 +229,7 @@ def _validate(cfg: ANPConfig) -> None:
 
 @register_defense("anp", config=ANPConfig,
                   summary="prune BatchNorm channels whose learned masks fall under adversarial neuron perturbation",
-                  profiles={"tiny": {"iterations": 500}, "ci": {"iterations": 100}})
+                  profiles={"tiny": {"iterations": 500}, "ci": {"iterations": 100}}, budget=("iterations",))
 def anp(encoder: Encoder, clean, cfg: ANPConfig, ctx) -> Encoder:
     _validate(cfg)
     encoder = encoder.to(ctx.device).eval()

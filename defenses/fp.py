@@ -179,7 +179,7 @@ def _validate(cfg: FPConfig) -> None:
 @register_defense("fp", config=FPConfig,
                   summary="prune the least active layer4 channels (label-free stopping rule), then fine-tune",
                   profiles={"tiny": {"epochs": 12, "batch_size": 128},   # FT's budget at each profile
-                            "ci": {"epochs": 5, "batch_size": 128}})
+                            "ci": {"epochs": 5, "batch_size": 128}}, budget=("epochs",))
 def fp(encoder: Encoder, clean, cfg: FPConfig, ctx) -> Encoder:
     _validate(cfg)
     device = ctx.device

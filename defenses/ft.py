@@ -38,6 +38,7 @@ def fine_tune(encoder, clean, cfg: FTConfig, ctx, desc: str = "ft"):
 
 
 @register_defense("ft", config=FTConfig, summary="fine-tune all weights with SimCLR on the clean set",
-                  profiles={"tiny": {"epochs": 12, "batch_size": 128}, "ci": {"epochs": 5, "batch_size": 128}})
+                  profiles={"tiny": {"epochs": 12, "batch_size": 128}, "ci": {"epochs": 5, "batch_size": 128}},
+                  budget=("epochs",))
 def ft(encoder, clean, cfg: FTConfig, ctx):
     return fine_tune(encoder, clean, cfg, ctx)

@@ -150,7 +150,7 @@ def distill(student: Encoder, teacher: Encoder, clean, cfg: NADConfig, ctx) -> d
 @register_defense("nad", config=NADConfig,
                   summary="distil attention maps of a fine-tuned teacher into the suspect, with NT-Xent as task loss",
                   profiles={"tiny": {"teacher_epochs": 5, "epochs": 10},
-                            "ci": {"teacher_epochs": 3, "epochs": 3}})
+                            "ci": {"teacher_epochs": 3, "epochs": 3}}, budget=("teacher_epochs", "epochs"))
 def nad(encoder: Encoder, clean, cfg: NADConfig, ctx) -> Encoder:
     _validate(cfg, encoder)
     encoder = encoder.to(ctx.device)
