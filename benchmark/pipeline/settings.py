@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from ...attacks import ATTACKS
 from ...core import ComponentRegistry, ConfigError, build_config, coerce
 from ...defenses import DEFENSES
@@ -323,6 +325,9 @@ def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = No
         raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {profile.seed}")
     for section, cls in SECTIONS.items():
         own = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(section + ".")}
+        if section == "encoder" and own.get("precision") == "auto":  # the paper profile: bf16 on GPUs
+            own["precision"] = "bf16" if torch.cuda.is_available() else "fp32"
+            profile.sources["encoder.precision"] += " (auto: bf16 where CUDA is available, else fp32)"
         setattr(profile, section, build_config(cls, own, section))
     profile.overrides = dict(sorted((sets or {}).items()))
     return profile
