@@ -9,8 +9,10 @@ import click
 from ...reports import ablations
 from ...reports.tables import ReportError
 from ..analysis.studies import STUDIES, plan_study
-from .common import check_datasets, friendly_errors, make_profile_env, profile_options, where
-from .grid import executor_options, run_and_summarise
+from .common import (check_datasets, check_writable_folder, friendly_errors, open_env, profile_from_options,
+                     profile_options, where)
+from .grid import check_workers, executor_options, run_and_summarise
+from .table import open_results
 
 
 @click.command()
@@ -28,20 +30,29 @@ def report(name, executor, workers, no_run, asr_convention, out_dir, profile, se
 
     Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
     adaptive, cost. `all` also writes OUT_DIR/ablations.md with every figure and its numbers."""
-    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    check_workers(executor, workers)
+    prof = profile_from_options(profile, sets, seed)
     studies = STUDIES.names() if name == "all" else [STUDIES.get(name).name]
     plans = [plan_study(n, profile, prof.overrides) for n in studies]
-    if not no_run:
+    check_writable_folder(out_dir, "the report")  # before hours of compute, not after
+    if no_run:  # only reads: the database opened read-only, nothing else touched
+        db = open_results(prof.name)
+    else:
+        env = open_env(prof, device, data_dir, verbose)
+        db = env.db
         for plan in plans:
-            check_datasets(prof, env, plan.pretrain, plan.tasks)
+            targets: dict[str, set[int]] = {}
+            for stage in plan.evaluations:
+                targets.setdefault(stage.spec["downstream"], set()).add(stage.spec["target"])
+            check_datasets(prof, env, plan.pretrain, plan.tasks, targets)
         run_and_summarise([s for plan in plans for s in plan.stages], env, executor, workers, prof)
     failures: dict[str, str] = {}
     sections = []
     for plan in plans:
         study = plan.study
         try:
-            with where(f"cannot read the results database {env.db.path}"):
-                evaluations, measurements = env.db.evaluations(study=study.name), env.db.measurements(study=study.name)
+            with where(f"cannot read the results database {db.path}"):
+                evaluations, measurements = db.evaluations(study=study.name), db.measurements(study=study.name)
             built = ablations.build(study, evaluations, measurements, plan.expected(plan.evaluations),
                                     plan.expected(plan.measurements), prof.name, prof.seed, asr_convention)
         except ReportError as err:

@@ -13,7 +13,7 @@ from .. import paths
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
 from ..pipeline.settings import parse_sets
-from .common import friendly_errors, names, profile_from_options, where
+from .common import check_writable_folder, friendly_errors, names, profile_from_options, where
 
 
 def open_results(profile: str) -> ResultsDB:
@@ -51,6 +51,8 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
     """Render Table I (or the defense cost table) from the results database."""
     prof = profile_from_options(profile, sets, seed)
     chosen = names(defenses, "--defenses")
+    if output:
+        check_writable_folder(Path(output).parent, "the table")
     db = open_results(prof.name)
     with where(f"cannot read the results database {db.path}"):
         found = db.evaluations(profile=prof.name)
