@@ -380,6 +380,7 @@ def test_bad_input_is_refused_in_one_line_before_anything_runs(case, world, monk
     if not which:  # the shared home: the database may be created; everything else must stay as it is
         for db in DB_FILES:
             (home / db).unlink(missing_ok=True)
+    Path(world["marker"]).unlink(missing_ok=True)  # each case answers for itself
     before = _snapshot(home)
     full = _fill(args, world)
     if full[0] in ("run", "grid", "report") and "ci" in full:  # were it accepted, it would stay small
