@@ -260,8 +260,9 @@ def _unknown_key(key: str) -> str:
 
 
 def _check_component_key(key: str, value, source: str) -> None:
-    """A component key names a field, and its value fits that field's type and range for every component it
-    can set (also where a more specific key, or another attack/defense running, leaves it unused)."""
+    """A component key names a field, and its value fits that field's type and range (for a generic key, in one
+    of the components that have the field), also where a more specific key or another component running
+    leaves it unused: a typo is an error even in a setting that does not take effect."""
     kind, *rest = key.split(".")
     registry = COMPONENTS[kind]
     if len(rest) == 1:  # attack.FIELD: whichever attack runs
@@ -274,10 +275,16 @@ def _check_component_key(key: str, value, source: str) -> None:
             raise ConfigError(_unknown_key(key))
     else:
         raise ConfigError(f"{source}: {key!r} should be {kind}.FIELD or {kind}.NAME.FIELD")
-    for component in owners:
-        checked = coerce(key, value, field_types(component.config)[rest[-1]])
-        for item in (checked if isinstance(checked, (list, tuple)) else (checked,)):
-            check_range(key, rest[-1], item)
+    errors = []
+    for component in owners:  # a generic key must fit at least one owner (fields may differ in type)
+        try:
+            checked = coerce(key, value, field_types(component.config)[rest[-1]])
+            for item in (checked if isinstance(checked, (list, tuple)) else (checked,)):
+                check_range(key, rest[-1], item)
+            return
+        except ConfigError as err:
+            errors.append(err)
+    raise errors[0]
 
 
 def _check_key(key: str, value, source: str) -> None:
