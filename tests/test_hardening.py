@@ -184,7 +184,9 @@ def test_start_up_sweeps_the_temporaries_of_dead_processes_of_every_kind(tmp_pat
         os.utime(path, (old, old))
     folder = home / "artifacts" / "pretrain" / "ab" / f".tmp-ab12-{socket.gethostname()}-{dead}-abcdef"
     folder.mkdir(parents=True)
-    (folder / f".encoder.pt.{dead}.tmp").write_bytes(b"half a checkpoint")  # checkpoints.save_encoder's
+    inner = folder / f".encoder.pt.{dead}.tmp"  # checkpoints.save_encoder's, swept with its folder
+    inner.write_bytes(b"half a checkpoint")
+    os.utime(inner, (old, old))
     monkeypatch.setenv("DEFBENCH_HOME", str(home))
 
     listed = CliRunner().invoke(main, ["clean", "--stale", "--dry-run"])

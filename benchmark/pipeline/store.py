@@ -149,6 +149,8 @@ def stale_files(folder: Path) -> list[Path]:
     if not Path(folder).is_dir():
         return found
     for path in Path(folder).rglob(".*.tmp"):
+        if any(part.startswith(".tmp-") for part in path.relative_to(folder).parts[:-1]):
+            continue  # inside a stage's temporary folder: swept with it
         match = _TMP_FILE.match(path.name)
         try:
             old = now - path.stat().st_mtime > STALE_AFTER_S
