@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ...core import ConfigError, Registry
+from ...core import ConfigError, Registry, UserError
 from ...defenses import DEFENSES, MEASUREMENTS
 from ...reports import ablations as render
 from ..pipeline.plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
@@ -180,6 +180,8 @@ def _label(stages, study: Study, arm: Arm) -> None:
 def plan_study(name: str, profile_name: str, sets: dict | None = None) -> StudyPlan:
     study = get_study(name)
     base = load_profile(profile_name, sets)
+    if not (base.studies.pretrain or base.grid.pretrain):
+        raise UserError("no pre-training set for the studies: set studies.pretrain or grid.pretrain")
     pretrain = base.studies.pretrain or base.grid.pretrain[0]
     tasks = downstream_tasks(pretrain, base.studies.downstream)
     evaluations: list[Stage] = []

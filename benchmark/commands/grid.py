@@ -1,6 +1,7 @@
 """``defbench grid``: the attack x defense x pre-training x task grid of Table I, cached and resumable."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -35,9 +36,9 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, executor, workers,
          data_dir, verbose):
     """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
     from .table import seed_profiles
+    check_workers(executor, workers)
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]
-    env = open_env(prof, device, data_dir, verbose)
     spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
                      names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"))
     for what, items in (("attacks", spec.attacks), ("defenses", spec.defenses), ("pretrain", spec.pretrain)):
@@ -50,17 +51,29 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, executor, workers,
     cells = {}  # plans every stage of every seed: every setting is checked before anything runs
     for p in profiles:
         cells.update({(*key, p.seed): stage for key, stage in expand_grid(p, spec).items()})
+    env = open_env(prof, device, data_dir, verbose)
     for pretrain in spec.pretrain:
-        targets = {key[3]: stage.spec["target"] for key, stage in cells.items() if key[2] == pretrain}
+        targets: dict[str, set[int]] = {}
+        for (_, _, cell_pretrain, task, _), stage in cells.items():
+            if cell_pretrain == pretrain:
+                targets.setdefault(task, set()).add(stage.spec["target"])
         check_datasets(prof, env, pretrain, list(targets), targets)
     outcomes = run_and_summarise(list(cells.values()), env, executor, workers, prof)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
 
+def check_workers(executor: str, workers: int) -> None:
+    """Local workers are processes, each holding a model and a copy of the data: beyond a few per core they
+    only exhaust memory."""
+    limit = 4 * (os.cpu_count() or 1)
+    if executor == "local" and workers > limit:
+        raise UserError(f"--workers {workers}: this machine has {os.cpu_count()} CPU cores; use at most {limit} "
+                        "local workers (or --executor submitit for jobs on a cluster)")
+
+
 def run_and_summarise(stages, env, executor, workers, prof):
     """Run ``stages`` with the chosen executor and print the summary; returns the outcomes."""
-    env.store.sweep_temporaries()
     started = time.perf_counter()
     outcomes = run_grid(stages, env, executor, workers,
                         slurm={"partition": prof.grid.slurm_partition, "gpus": prof.grid.slurm_gpus,

@@ -9,9 +9,9 @@ import click
 from ...reports import ablations
 from ...reports.tables import ReportError
 from ..analysis.studies import STUDIES, plan_study
-from .common import check_datasets, friendly_errors, open_env, profile_options, where
-from .grid import executor_options, run_and_summarise
-from .table import seed_profiles
+from .common import check_datasets, check_writable_folder, friendly_errors, open_env, profile_options, where
+from .grid import check_workers, executor_options, run_and_summarise
+from .table import open_results, seed_profiles
 
 
 @click.command()
@@ -30,14 +30,23 @@ def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, prof
 
     Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
     adaptive, cost. `all` also writes OUT_DIR/ablations.md with every figure and its numbers."""
+    check_workers(executor, workers)
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]
-    env = open_env(prof, device, data_dir, verbose)
     studies = STUDIES.names() if name == "all" else [STUDIES.get(name).name]
     plans = {n: [plan_study(n, profile, p.overrides) for p in profiles] for n in studies}  # study -> one per seed
-    if not no_run:
+    check_writable_folder(out_dir, "the report")  # before hours of compute, not after
+    if no_run:  # only reads: the database opened read-only, nothing else touched
+        db = open_results(prof.name)
+    else:
+        env = open_env(prof, device, data_dir, verbose)
+        db = env.db
         for per_seed in plans.values():
-            check_datasets(prof, env, per_seed[0].pretrain, per_seed[0].tasks)
+            targets: dict[str, set[int]] = {}
+            for plan in per_seed:
+                for stage in plan.evaluations:
+                    targets.setdefault(stage.spec["downstream"], set()).add(stage.spec["target"])
+            check_datasets(prof, env, per_seed[0].pretrain, per_seed[0].tasks, targets)
         stages = [s for per_seed in plans.values() for plan in per_seed for s in plan.stages]
         run_and_summarise(stages, env, executor, workers, prof)
     failures: dict[str, str] = {}
@@ -48,8 +57,8 @@ def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, prof
         expected = [row for plan in per_seed for row in plan.expected(plan.evaluations)]
         expected_measurements = [row for plan in per_seed for row in plan.expected(plan.measurements)]
         try:
-            with where(f"cannot read the results database {env.db.path}"):
-                evaluations, measurements = env.db.evaluations(study=study.name), env.db.measurements(study=study.name)
+            with where(f"cannot read the results database {db.path}"):
+                evaluations, measurements = db.evaluations(study=study.name), db.measurements(study=study.name)
             built = ablations.build(study, evaluations, measurements, expected, expected_measurements, prof.name,
                                     seed_list, asr_convention)
         except ReportError as err:

@@ -14,7 +14,7 @@ from .. import paths
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
 from ..pipeline.settings import parse_sets
-from .common import friendly_errors, names, profile_from_options, where
+from .common import check_writable_folder, friendly_errors, names, profile_from_options, where
 
 
 def open_results(profile: str) -> ResultsDB:
@@ -55,6 +55,8 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]
     chosen = names(defenses, "--defenses")
+    if output:
+        check_writable_folder(Path(output).parent, "the table")
     db = open_results(prof.name)
     with where(f"cannot read the results database {db.path}"):
         found = db.evaluations(profile=prof.name)
