@@ -234,10 +234,10 @@ _SMALL_ENCODERS = {"success_threshold": 0.95, "early_stop_patience": 50}
 
 @register_defense("decree", config=DecreeConfig,
                   summary="invert the encoder's trigger (DECREE) and unlearn it by fine-tuning with frozen BN",
-                  profiles={"tiny": {**_SMALL_ENCODERS, "inv_max_steps": 300, "inv_batch_size": 64, "pl1_threshold": 0.055,
-                                     "epochs": 5},
+                  profiles={"tiny": {**_SMALL_ENCODERS, "inv_max_steps": 300, "inv_batch_size": 64,
+                                     "pl1_threshold": 0.055, "epochs": 5},
                             "ci": {**_SMALL_ENCODERS, "inv_max_steps": 200, "inv_batch_size": 32, "pl1_threshold": 0.09,
-                                   "epochs": 2, "batch_size": 64}})
+                                   "epochs": 2, "batch_size": 64}}, budget=("inv_max_steps", "epochs"))
 def decree(encoder, clean, cfg: DecreeConfig, ctx):
     mask, pattern, info = invert_trigger(encoder, clean.images, cfg, ctx)
     info["verdict"] = "backdoored" if info["pl1"] < cfg.pl1_threshold else "clean"
