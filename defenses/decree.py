@@ -191,7 +191,7 @@ def mean_cosine(model: Encoder, images: torch.Tensor, ctx, transform_a=None, tra
                 other: Encoder | None = None, batch_size: int = 256) -> float:
     """Mean over ``images`` of ``cos(model(a(x)), other(b(x)))`` (``other`` defaults to ``model``), eval mode."""
     other = model if other is None else other
-    was_training = model.training, other.training
+    modes = {m: m.training for enc in (model, other) for m in enc.modules()}  # restored as they were (frozen BN)
     model.eval(), other.eval()
     total = 0.0
     for start in range(0, len(images), batch_size):
@@ -199,7 +199,8 @@ def mean_cosine(model: Encoder, images: torch.Tensor, ctx, transform_a=None, tra
         a = transform_a(x) if transform_a else x
         b = transform_b(x) if transform_b else x
         total += F.cosine_similarity(model.features(a), other.features(b), dim=1).sum().item()
-    model.train(was_training[0]), other.train(was_training[1])
+    for module, training in modes.items():
+        module.training = training
     return total / len(images)
 
 

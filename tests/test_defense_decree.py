@@ -95,7 +95,8 @@ def test_inverted_trigger_is_smaller_on_the_backdoored_encoder(clean_encoder, ba
         assert info["found"], info
         assert info["steps"] == cfg.inv_max_steps or info["steps"] % cfg.inv_epoch_steps == 0, info  # epoch-end stop
         pl1[name] = info["pl1"]
-    # ci profile, seed 0 (reference criterion 0.99, early stop at 40 / 72 updates): clean 0.217, backdoored 0.151
+    # ci profile, one start: seed 0 (this test) clean 0.217, backdoored 0.151 (early stop at 40 / 72 updates);
+    # the separation is not robust at ci: seed 1 gives clean 0.205, backdoored 0.249 (docs/methods/decree.md)
     assert pl1["backdoored"] < 0.8 * pl1["clean"], pl1
 
 
@@ -103,7 +104,7 @@ def _detect(*args):
     return CliRunner().invoke(main, ["detect", "--profile", "ci", *args])
 
 
-def test_detect_cli_separates_clean_and_backdoored(clean_encoder, backdoored, tmp_path):
+def test_detect_cli_reports_pl1_and_verdict(clean_encoder, backdoored, tmp_path):
     save_encoder(clean_encoder, tmp_path / "clean.pt")
     save_encoder(backdoored[0], tmp_path / "backdoored.pt")
     results = {}
@@ -111,8 +112,11 @@ def test_detect_cli_separates_clean_and_backdoored(clean_encoder, backdoored, tm
         out = _detect("--encoder", str(tmp_path / f"{name}.pt"), "--device", "cpu", "--json")
         assert out.exit_code == 0, out.output
         results[name] = json.loads(out.output)
-    assert results["backdoored"]["pl1"] < results["clean"]["pl1"], results
-    # the ci threshold is the paper's until one is calibrated on clean encoders: the verdict only follows it
+    # No separation is asserted: with the reference's criterion (0.99, early-stop patience 10) the ci encoders
+    # do not separate (seed 0, 3 starts: clean 0.181, BadEncoder 0.195; docs/methods/decree.md). The ci threshold
+    # is the paper's until one is calibrated on clean encoders: the verdict only follows it.
+    for result in results.values():
+        assert result["found"] and 0 < result["pl1"] < 1 and len(result["restarts"]) == 3, result
     for result in results.values():
         assert result["threshold"] == decree_module.DecreeConfig.pl1_threshold, result
         assert result["verdict"] == ("backdoored" if result["pl1"] < result["threshold"] else "clean"), result
@@ -153,18 +157,23 @@ def quick_trigger(backdoored, clean_data):
     return mask, pattern
 
 
-def test_literal_mitigation_lowers_the_trigger_similarity_on_the_clean_set(backdoored, clean_data, quick_trigger, ctx):
-    suspect, images = backdoored[0].clone(), clean_data.images
-    mask, pattern = quick_trigger
-    reference = frozen_copy(suspect)
-    cfg = get_defense("decree").make_config("ci")
-    before = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
-    losses = decree_module.lower_trigger_similarity(suspect, images, mask, pattern, cfg, ctx)
-    after = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
-    assert len(losses) == cfg.epochs and losses[-1] < losses[0]
-    assert after < before - 0.1, (before, after)
-    # the utility term keeps the clean embeddings near the suspect's
-    assert decree_module.mean_cosine(suspect, images, ctx, other=reference) > 0.8
+def test_literal_mitigation_lowers_the_trigger_similarity_on_the_clean_set(backdoored, clean_data, quick_trigger):
+    from defbench.encoders import RunContext
+    images, (mask, pattern) = clean_data.images, quick_trigger
+    drift = {}
+    for weight in (1.0, 0.0):  # with the clean-feature anchor (the default) and the bare sentence
+        ctx = RunContext(device=torch.device("cpu"), show_progress=False).reseed(0)
+        suspect = backdoored[0].clone()
+        reference = frozen_copy(suspect)
+        cfg = get_defense("decree").make_config("ci", {"utility_weight": weight})
+        before = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
+        losses = decree_module.lower_trigger_similarity(suspect, images, mask, pattern, cfg, ctx)
+        after = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
+        assert len(losses) == cfg.epochs and losses[-1] < losses[0], (weight, losses)
+        assert after < before - 0.3, (weight, before, after)  # measured: 0.67 -> 0.21 (anchor), 0.04 (none)
+        drift[weight] = decree_module.mean_cosine(suspect, images, ctx, other=reference)
+    # the anchor keeps the clean embeddings near the suspect's (measured cos to f_0: 0.80 vs 0.38 without)
+    assert drift[1.0] > drift[0.0] + 0.2, drift
 
 
 def test_decree_defense_records_and_round_trips(backdoored, clean_data, ctx, tmp_path):
