@@ -8,7 +8,7 @@ from conftest import PRETRAIN, TASK
 from defbench.attacks import ATTACKS, AttackInputs, PatchTrigger
 from defbench.attacks.drupe import (DRUPEConfig, DRUPEState, drupe_loss, mean_pairwise_cosine,
                                     sliced_wasserstein)
-from defbench.benchmark.evaluate import evaluate_encoder
+from defbench.benchmark.pipeline.evaluate import evaluate_encoder
 from defbench.encoders import SimCLRConfig, build_encoder
 
 
@@ -260,7 +260,7 @@ def drupe_ci(ci_profile, ci_env, ci_stages):
     """DRUPE as the ci profile runs it, on the BadEncoder fixture's pre-training set, task and trigger."""
     from defbench.benchmark.plan import attack_stage
     from defbench.benchmark.runner import execute
-    from defbench.benchmark.stages import load_stage_encoder
+    from defbench.benchmark.pipeline.stages import load_stage_encoder
     stage = attack_stage(ci_profile, "drupe", PRETRAIN, TASK)
     assert stage.spec["trigger"] == ci_stages[1].spec["trigger"] and stage.spec["target"] == ci_stages[1].spec["target"]
     outcome, = execute([stage], ci_env, show_progress=False)
