@@ -21,8 +21,10 @@ Definitions (all at 32 x 32, the paper's image size):
   ``MID_BAND`` (2..8 cycles per 32 px, i.e. 0.0625..0.25 cycles per pixel:
   above the lowest rings, below the band that blur, resampling and sensor
   noise reshape). Natural photographs give about -1 to -1.2 for amplitude
-  (power -2 to -2.4); flat shapes on flat backgrounds are steeper (edges are
-  sparse), white noise gives 0.
+  (power -2 to -2.4), white noise 0. Flat shapes on flat backgrounds land
+  anywhere from about -0.8 (sharp glyphs plus noise) to -1.5 (few, soft
+  edges): a straight edge alone has a 1/f amplitude spectrum, so the slope is
+  a necessary check, not proof of natural texture.
 - **Near-white.** A pixel whose every channel is >= ``NEAR_WHITE`` = 230
   (0.9 x 255, rounded up), i.e. within 10 % of the trigger's value 255.
 - **White window.** An image contains one when some 10 x 10 window (any
