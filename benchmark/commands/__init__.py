@@ -8,6 +8,7 @@ import warnings
 
 import click
 
+from .check_data import check_data
 from .clean import clean
 from .common import fail
 from .config import config
@@ -62,7 +63,7 @@ def main():
     """defbench: backdoor defenses for self-supervised image encoders, compared on one footing."""
 
 
-for _command in (run, grid, table, report, golden, config, detect, clean, list_):
+for _command in (run, grid, table, report, golden, config, detect, check_data, clean, list_):
     main.add_command(_command)
 
 __all__ = ["main"]

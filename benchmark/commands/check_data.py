@@ -1,0 +1,72 @@
+"""``defbench check-data``: the premises a backdoor benchmark's images must meet, measured on a dataset.
+
+Three premises (docs/data.md): a natural amplitude spectrum, a trigger that is out of distribution (no
+near-white 10x10 window in clean images or their SimCLR views, the trigger's box not already white), and
+a clean encoder whose "ASR" stays near chance on the task. The first two are statistics of the pixels;
+the third is read from the results database (the grid's clean rows), never computed here.
+"""
+from __future__ import annotations
+
+import click
+
+from ..datasets import FAMILIES
+from ..datasets.premises import TARGETS, data_premises
+from .common import friendly_errors, where
+
+CHANCE_MARGIN = 5.0  # clean-encoder ASR may exceed chance (100 / classes) by at most this many points
+
+
+def _line(label: str, value: str, target: str, ok: bool | None) -> str:
+    verdict = "" if ok is None else ("ok" if ok else "FAILS")
+    return f"{label:<34} {value:>12}   {target:<18} {verdict}"
+
+
+def clean_encoder_rows(name: str, profile: str, classes: int) -> list[str]:
+    """One line per clean-encoder evaluation of task ``name`` in the results database (read-only)."""
+    from ...reports.tables import ReportError
+    from .table import open_results
+
+    try:
+        db = open_results(profile)
+    except ReportError:  # no database yet: say how to make the rows
+        return [f"clean-encoder ASR: no results database; run `defbench grid --profile {profile}` first"]
+    rows = db.evaluations(profile=profile, role="clean", downstream=name)
+    if rows.empty:
+        return [f"clean-encoder ASR: no clean rows for {name} at profile {profile}; "
+                f"`defbench grid --profile {profile}` computes them"]
+    limit = 100.0 / classes + CHANCE_MARGIN
+    return [_line(f"clean-encoder ASR ({row.pretrain}, seed {row.seed})", f"{row.asr_all:.2f} %",
+                  f"<= {limit:.1f} %", row.asr_all <= limit) for row in rows.itertuples()]
+
+
+@click.command(name="check-data")
+@click.argument("name")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("-n", "count", type=click.IntRange(min=16), default=2000, show_default=True,
+              help="images drawn (seeded) from the split")
+@click.option("--profile", default="tiny", show_default=True, help="whose clean-encoder rows to read")
+@click.option("--data-dir", default=None, help="real datasets live here (default: $DEFBENCH_DATA)")
+@friendly_errors
+def check_data(name, split, count, profile, data_dir):
+    """Measure a dataset's backdoor-benchmark premises (spectrum, white windows, clean-encoder ASR)."""
+    from .. import paths
+    from ..datasets import load_dataset
+
+    folder = str(paths.data_dir(data_dir))
+    with where(f"cannot load dataset {name!r}", "see `defbench list datasets`"):
+        classes = len(set(load_dataset(name, "test", folder, 32).labels.tolist()))
+    measured = data_premises(name, split=split, n=count, data_dir=folder)
+    passes = measured["passes"]
+    low, high = TARGETS["spectrum_slope"]
+    click.echo(f"{name} ({measured['data_version']}), {split} split, {measured['n']} images")
+    click.echo(_line("amplitude-spectrum slope", f"{measured['slope']:.3f}", f"in [{low}, {high}]",
+                     passes["spectrum_slope"]))
+    for key, label in (("white_window_clean", "white 10x10 window, clean"),
+                       ("white_window_augmented", "white 10x10 window, SimCLR views"),
+                       ("trigger_box_half_white", "trigger box half white")):
+        click.echo(_line(label, f"{100 * measured[key]:.2f} %", f"<= {100 * TARGETS[key]:.0f} %", passes[key]))
+    if any(name == task for tasks in FAMILIES.values() for task, _ in tasks):
+        for line in clean_encoder_rows(name, profile, classes):
+            click.echo(line)
+    if not all(passes.values()):
+        raise SystemExit(1)

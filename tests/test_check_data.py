@@ -1,0 +1,56 @@
+"""`defbench check-data`: the data premises measured on files in the real npz format, and bad input refused."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from defbench.benchmark.cli import main
+from defbench.benchmark.datasets.premises import power_law_field
+
+
+def _write(folder, images: np.ndarray) -> str:
+    labels = np.arange(len(images)) % 4
+    for split in ("train", "test"):
+        np.savez(folder / f"{split}.npz", x=images, y=labels)
+    return f"npz:{folder}"
+
+
+def _natural(n: int) -> np.ndarray:
+    """Colour images with a 1/f amplitude spectrum, N x 32 x 32 x 3 uint8 (never near-white)."""
+    field = power_law_field(n * 3, 32, 1.0, torch.Generator().manual_seed(0)).view(n, 3, 32, 32)
+    field = (field - field.mean()) / field.std()
+    return (110 + 35 * field).clamp(0, 200).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _check(name: str, *args):
+    return CliRunner().invoke(main, ["check-data", name, "-n", "64", *args])
+
+
+def test_natural_images_meet_the_premises(tmp_path):
+    result = _check(_write(tmp_path, _natural(64)))
+    assert result.exit_code == 0, result.output
+    assert "FAILS" not in result.output and "amplitude-spectrum slope" in result.output
+
+
+def test_a_white_box_in_every_image_fails_the_trigger_premises(tmp_path):
+    images = _natural(64)
+    images[:, 21:31, 21:31] = 255  # the trigger's own box, already white in clean data
+    result = _check(_write(tmp_path, images))
+    assert result.exit_code == 1, result.output
+    failing = [line for line in result.output.splitlines() if line.endswith("FAILS")]
+    assert any("trigger box" in line for line in failing) and any("clean" in line for line in failing), failing
+
+
+def test_flat_noise_fails_the_spectrum_premise(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 200, (64, 32, 32, 3), dtype=np.uint8)  # white noise: slope ~ 0
+    result = _check(_write(tmp_path, noise))
+    assert result.exit_code == 1
+    assert any(line.startswith("amplitude-spectrum slope") and line.endswith("FAILS")
+               for line in result.output.splitlines()), result.output
+
+
+def test_unknown_dataset_is_one_line():
+    result = _check("synth-cifar100")
+    assert result.exit_code != 0
+    assert len(result.output.strip().splitlines()) == 1 and "synth-cifar100" in result.output
