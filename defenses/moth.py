@@ -1,16 +1,11 @@
 """MOTH, Model Orthogonalization (Tao et al., S&P 2022), adapted to label-free encoders.
 
-k-means pseudo-classes on the suspect's clean features stand in for the classes. The
-encoder being hardened trains for ``steps`` batches (SGD, Nesterov momentum); during the
-first ``clusters`` batches (warm-up) one universal trigger per pseudo-class is inverted and
-stamped on half of the other clusters' images in the batch; afterwards every
-``round_steps`` batches a pair of pseudo-classes is picked (30% at random, 70% by the
-largest distance improvement, the distance being the inverted trigger size), and at each
-batch of the round both directions are inverted on the batch's images of the pair and
-stamped on ``portion`` of them. Triggers are masks + patterns inverted in embedding space
-on the encoder being hardened (nearest centroid = reaching the pseudo-class); the encoder
-trains with NT-Xent where a stamped image is a positive view of its clean image, plus a
-feature-consistency term to the original encoder.
+k-means pseudo-classes on the suspect's clean features stand in for classes. For ``steps`` SGD
+(Nesterov) updates, masks + patterns are inverted in embedding space on the encoder being
+hardened (a universal trigger per pseudo-class during the warm-up, then both directions of a pair
+every ``round_steps`` updates, pairs 30 % at random and 70 % by distance improvement), stamped on a
+share of the batch, and trained away with NT-Xent (a stamped image is a positive view of its clean
+image) plus feature consistency to the original encoder.
 
 Parity with the reference: docs/methods/moth.md
 """
@@ -28,6 +23,12 @@ from ..encoders.augment import SimCLRAugment
 from ..encoders.simclr import nt_xent
 from .base import register_defense
 from .decree import _from_tanh_space, _to_tanh_space, stamp
+
+# The reference hardens for 2 epochs over CIFAR-10's 50,000 training images at batch 128 (391
+# batches an epoch, the last one partial). The defender's clean set is far smaller, so ``paper``
+# matches the reference's number of model updates, not its epoch count.
+REFERENCE_EPOCHS, REFERENCE_TRAIN_IMAGES, REFERENCE_BATCH = 2, 50_000, 128
+REFERENCE_UPDATES = REFERENCE_EPOCHS * math.ceil(REFERENCE_TRAIN_IMAGES / REFERENCE_BATCH)  # 782
 
 
 @dataclass
@@ -56,7 +57,7 @@ class MothConfig:
     warm_ratio: float = 0.5  # share of the other clusters' batch images stamped during the warm-up
     portion: float = 0.1  # share of the pair's batch images stamped per direction afterwards
     # hardening
-    steps: int = 782  # model updates, warm-up included (2 CIFAR-10 epochs at batch 128)
+    steps: int = REFERENCE_UPDATES  # model updates, warm-up included
     batch_size: int = 128
     lr: float = 1e-4
     momentum: float = 0.9
@@ -403,12 +404,17 @@ def moth_harden(encoder: Encoder, images: torch.Tensor, cfg: MothConfig, ctx):
     return model.eval(), unique, stats
 
 
-# budgets shrink by one factor (see docs/methods/moth.md): tiny = paper / 10, ci = paper / 25
+# what sets the compute: model updates and the three inversion pass counts; tiny and ci divide
+# every one of them by one factor (docs/methods/moth.md), nothing else changes
+BUDGET = ("steps", "warmup_inv_steps", "inv_steps", "reuse_inv_steps")
+SHRINK = {"tiny": 10, "ci": 25}
+
+
 @register_defense("moth", config=MothConfig,
                   summary="harden by inverting triggers between k-means pseudo-classes and training them away",
-                  profiles={"tiny": {"steps": 78, "warmup_inv_steps": 50, "inv_steps": 20, "reuse_inv_steps": 5},
-                            "ci": {"steps": 31, "warmup_inv_steps": 20, "inv_steps": 8, "reuse_inv_steps": 2}},
-                  budget=("steps",))
+                  profiles={name: {field: getattr(MothConfig, field) // factor for field in BUDGET}
+                            for name, factor in SHRINK.items()},
+                  budget=BUDGET)
 def moth(encoder, clean, cfg: MothConfig, ctx):
     encoder, triggers, stats = moth_harden(encoder, clean.images, cfg, ctx)
     for key, value in stats.items():

@@ -2,6 +2,8 @@
 pair selection by distance improvement, and hardening that undoes the triggers."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,41 @@ from defbench.defenses import get_defense
 from defbench.defenses import moth as moth_module
 from defbench.defenses.decree import stamp
 from defbench.encoders import Encoder, load_encoder, save_encoder, to_float
+
+
+def test_paper_matches_the_reference_update_count_and_tiny_ci_only_shrink_budgets():
+    component = get_defense("moth")
+    paper = component.make_config("paper")
+    # the reference: 2 epochs over CIFAR-10's 50,000 training images at batch 128, last batch kept
+    assert paper.steps == 2 * math.ceil(50_000 / 128) == 782
+    assert (paper.lr, paper.momentum, paper.nesterov, paper.batch_size) == (1e-4, 0.9, True, 128)
+    assert (paper.warmup_inv_steps, paper.inv_steps, paper.reuse_inv_steps) == (500, 200, 50)
+    assert component.options["budget"] == ("steps", "warmup_inv_steps", "inv_steps", "reuse_inv_steps")
+    for profile, factor in (("tiny", 10), ("ci", 25)):
+        cfg = component.make_config(profile)
+        for name, value in vars(paper).items():
+            expected = value // factor if name in component.options["budget"] else value
+            assert getattr(cfg, name) == expected, (profile, name)
+
+
+def test_hardening_makes_exactly_steps_updates_whatever_the_clean_set_size(backdoored, clean_data, ctx, monkeypatch):
+    updates = []
+    real_sgd = torch.optim.SGD
+
+    class CountingSGD(real_sgd):
+        def step(self, *args, **kwargs):
+            updates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", CountingSGD)
+    cfg = get_defense("moth").make_config("ci", {"clusters": 3, "steps": 8, "warmup_inv_steps": 1, "inv_steps": 1,
+                                                 "reuse_inv_steps": 1})
+    per_pass = len(clean_data) // cfg.batch_size  # full batches only
+    assert 1 < per_pass < cfg.steps  # the run wraps around the clean set
+    _, _, stats = moth_module.moth_harden(backdoored[0].clone(), clean_data.images, cfg, ctx)
+    assert updates == [cfg.lr] * cfg.steps
+    assert len(stats["loss"]) == math.ceil(cfg.steps / per_pass)  # one mean loss per (partial) pass
+    assert len(stats["pairs"]) == math.ceil((cfg.steps - cfg.clusters) / cfg.round_steps)  # one pair per round
 
 
 def test_kmeans_recovers_separated_blobs():
