@@ -1,54 +1,18 @@
 """MOTH, Model Orthogonalization (Tao et al., S&P 2022), adapted to label-free encoders.
 
-Reference (classifiers, the authors' code): invert small mask + pattern
-triggers between class pairs (Neural-Cleanse style: ``x' = (1-m) x + m p``,
-m and p through tanh, loss ``CE(x', t) + c |m|_1``, Adam lr 0.1 betas
-(0.5, 0.9), batch 32, cost c from 1e-3, x1.5 after 10 consecutive successful
-steps and /1.5^1.5 after 10 failures; success = 99% (warm-up) or 90% (pairs)
-of the stamped inputs reach t; the best trigger is the smallest mask among
-successes), stamp the found triggers on a share of the inputs while training
-with their true labels, which pushes the classes apart. Schedule: a warm-up
-that inverts one universal trigger per target class (500 steps) and trains one
-batch with it stamped on half of the non-target inputs, then pairs, each
-hardened for 3 batches (200 inversion steps for a new pair, triggers reused
-as the next initialisation), 10% of the pair's inputs stamped. Model update
-SGD, 2 epochs (lr 1e-4 in this project's spec; the authors' Keras code uses
-1e-3 with Nesterov momentum 0.9).
+k-means pseudo-classes on the suspect's clean features stand in for classes. For ``steps`` SGD
+(Nesterov) updates, masks + patterns are inverted in embedding space on the encoder being
+hardened (a universal trigger per pseudo-class during the warm-up, then both directions of a pair
+every ``round_steps`` updates, pairs 30 % at random and 70 % by distance improvement), stamped on a
+share of the batch, and trained away with NT-Xent (a stamped image is a positive view of its clean
+image) plus feature consistency to the original encoder.
 
-Encoder adaptation (no labels):
-
-- **pseudo-classes**: k-means (k-means++ initialisation, ``clusters`` = 10) on
-  the suspect's L2-normalised clean features; centroids are renormalised.
-- **inversion in embedding space**: minimise ``-cos(f(x'), centroid_t) +
-  c |m|_1`` on source-cluster images; a step succeeds when at least
-  ``success_bound`` of the stamped images have centroid t as their nearest
-  centroid; the rest (optimiser, cost schedule, best trigger) as in the
-  reference. The reference's small random restart after each new best is
-  left out.
-- **label-free pair schedule**: the warm-up is kept (one universal trigger per
-  pseudo-class t, inverted on images of the other clusters, one training
-  batch each, in random order); afterwards every ``round_steps`` batches draw
-  ``pairs_per_round`` unordered cluster pairs uniformly at random (seeded
-  ``ctx.generator``) and invert both directions, initialised from the pair's
-  last trigger (``reuse_inv_steps`` steps) or the target's universal one
-  (``inv_steps`` steps). The reference's 70% choice by "distance
-  improvement" is replaced by uniform draws: the improvement statistic is
-  noisy at our pair counts and a label-free random schedule is easy to audit.
-  A direction whose inversion never succeeds is not stamped.
-- **hardening**: SimCLR's NT-Xent on two augmented views where, for the
-  stamped samples, the second view carries the trigger (a stamped image is a
-  positive view of its clean image), plus ``consistency_weight`` x a
-  feature-consistency term to the frozen suspect f_0:
-  ``1 - cos(f(v1), f_0(v1))`` on every first view and
-  ``1 - cos(f(v2 (+) t), f_0(v2))`` on the stamped second views. All weights
-  train (BatchNorm in train mode, as in contrastive fine-tuning).
-
-Reference defaults below; ``tiny``/``ci`` shrink the inversion budgets and use
-a larger lr and more epochs so that a 1,000-image clean set sees more than a
-handful of updates (lr 1e-4 for 2 epochs over 2,000 images is ~30 steps).
+Parity with the reference: docs/methods/moth.md
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +24,12 @@ from ..encoders.simclr import nt_xent
 from .base import register_defense
 from .decree import _from_tanh_space, _to_tanh_space, stamp
 
+# The reference hardens for 2 epochs over CIFAR-10's 50,000 training images at batch 128 (391
+# batches an epoch, the last one partial). The defender's clean set is far smaller, so ``paper``
+# matches the reference's number of model updates, not its epoch count.
+REFERENCE_EPOCHS, REFERENCE_TRAIN_IMAGES, REFERENCE_BATCH = 2, 50_000, 128
+REFERENCE_UPDATES = REFERENCE_EPOCHS * math.ceil(REFERENCE_TRAIN_IMAGES / REFERENCE_BATCH)  # 782
+
 
 @dataclass
 class MothConfig:
@@ -67,25 +37,31 @@ class MothConfig:
     clusters: int = 10
     kmeans_iters: int = 50
     # trigger inversion in embedding space
-    warmup_inv_steps: int = 500
-    inv_steps: int = 200
-    reuse_inv_steps: int = 40
+    warmup_per_class: int = 10  # images per pseudo-class in the warm-up inversion set
+    warmup_inv_steps: int = 500  # passes over that set per universal trigger
+    inv_steps: int = 200  # pair inversion passes at a round's first batch, or after a failed direction
+    reuse_inv_steps: int = 50  # at a round's later batches while every direction succeeded
     inv_batch_size: int = 32
     inv_lr: float = 0.1
     init_cost: float = 1e-3
+    reuse_cost: float = 1e-2  # initial cost with ``reuse_inv_steps``
     cost_patience: int = 10
     warmup_success: float = 0.99
     success_bound: float = 0.9
+    restart_noise: float = 0.01  # uniform noise added to a new best trigger to restart from it
+    max_mask_share: float = 0.25  # a trigger is stamped only when |m|_1 < this share of H x W
     # schedule
     round_steps: int = 3
-    pairs_per_round: int = 1
-    warm_ratio: float = 0.5  # share of non-target samples stamped during the warm-up
-    portion: float = 0.1  # share of a pair's source samples stamped afterwards
+    random_pair_share: float = 0.3
+    improvement_ramp: int = 1000  # batches after the warm-up over which the improvement term ramps in
+    warm_ratio: float = 0.5  # share of the other clusters' batch images stamped during the warm-up
+    portion: float = 0.1  # share of the pair's batch images stamped per direction afterwards
     # hardening
-    epochs: int = 2
+    steps: int = REFERENCE_UPDATES  # model updates, warm-up included
     batch_size: int = 128
     lr: float = 1e-4
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 0.0
     temperature: float = 0.5
     consistency_weight: float = 1.0
@@ -127,57 +103,160 @@ def encode(encoder: Encoder, images: torch.Tensor, device, batch_size: int = 256
 
 # ----------------------------------------------------------------- inversion
 
-def invert_to_centroid(model: Encoder, images: torch.Tensor, centroids: torch.Tensor, target: int, steps: int,
-                       bound: float, cfg: MothConfig, ctx, init: tuple | None = None) -> dict | None:
-    """Smallest mask + pattern moving ``images`` (uint8, source samples) to pseudo-class ``target``.
+@contextmanager
+def _frozen_parameters(model: Encoder):
+    """Turn parameter gradients off for the duration (inversion only needs input gradients)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
-    ``model`` must be frozen (eval, no parameter gradients). Returns
-    ``{"mask", "pattern", "size"}`` (CPU tensors, |m|_1) or None when no step
-    met ``bound``.
+
+def invert_triggers(model: Encoder, images: torch.Tensor, direction: torch.Tensor, targets: list[int],
+                    centroids: torch.Tensor, steps: int, bound: float, cost: float, cfg: MothConfig, ctx,
+                    init: list | None = None, reduction: str = "mean", keep_last: bool = True,
+                    history: list | None = None) -> list[dict | None]:
+    """Jointly invert one mask + pattern per direction; image i belongs to direction ``direction[i]``.
+
+    A step is one pass over ``images`` (uint8, shuffled each step) in batches of
+    ``inv_batch_size`` (the last partial batch kept when ``keep_last``, else
+    dropped). Loss per direction d: the mean (``reduction="mean"``) or sum of
+    ``-cos(f(x'), centroid_{targets[d]})`` over its images, plus
+    ``cost_d |m_d|_1``; one Adam update per batch. After each step, a direction
+    whose batches reached their target (nearest centroid) at a mean rate >=
+    ``bound`` with a smaller mean |m|_1 than its best keeps the last batch's
+    trigger as its best and restarts from it plus uniform noise; its cost grows
+    x1.5 after ``cost_patience`` successful steps in a row and shrinks /1.5^1.5
+    after as many failures. ``model`` is used as it is (eval mode, parameter
+    gradients off meanwhile). Returns per direction ``{"mask", "pattern",
+    "size"}`` (CPU tensors, size = |m|_1) or None when no step succeeded.
+    ``history``, when given, receives per step and direction ``(success
+    rate, mean |m|_1, best |m|_1 so far or None)``.
     """
     device = ctx.device
+    n_dir = len(targets)
     h, w = images.shape[-2:]
-    if init is None:
-        init = (torch.rand(h, w, generator=ctx.generator), torch.rand(3, h, w, generator=ctx.generator))
-    raw_mask = _to_tanh_space(init[0]).to(device).requires_grad_(True)
-    raw_pattern = _to_tanh_space(init[1]).to(device).requires_grad_(True)
+    x_all = to_float(images, device)
+    direction = direction.to(device)
+    masks0, patterns0 = [], []
+    for d in range(n_dir):
+        start = init[d] if init is not None and init[d] is not None else None
+        masks0.append(start[0] if start else torch.rand(h, w, generator=ctx.generator))
+        patterns0.append(start[1] if start else torch.rand(3, h, w, generator=ctx.generator))
+    raw_mask = _to_tanh_space(torch.stack(masks0)).to(device).requires_grad_(True)
+    raw_pattern = _to_tanh_space(torch.stack(patterns0)).to(device).requires_grad_(True)
     opt = torch.optim.Adam([raw_mask, raw_pattern], lr=cfg.inv_lr, betas=(0.5, 0.9))
     centroids = centroids.to(device)
-    cost, up, down = cfg.init_cost, 0, 0
-    best, batches = None, []
-    batch_size = min(cfg.inv_batch_size, len(images))
-    with torch.enable_grad():
+    target_ids = torch.tensor(targets, device=device)
+    costs, up, down = [cost] * n_dir, [0] * n_dir, [0] * n_dir
+    best: list[dict | None] = [None] * n_dir
+    n = len(x_all)
+    if n == 0:
+        return best
+    batch_size = min(cfg.inv_batch_size, n)
+    n_batches = math.ceil(n / batch_size) if keep_last else n // batch_size
+    model.eval()
+    with _frozen_parameters(model), torch.enable_grad():
         for _ in range(steps):
-            if not batches:
-                batches = ctx.batches(len(images), batch_size)
-            idx = batches.pop(0)
-            mask, pattern = _from_tanh_space(raw_mask), _from_tanh_space(raw_pattern)
-            f = F.normalize(model.features(stamp(to_float(images[idx], device), mask, pattern)), dim=1)
-            sim = f @ centroids.t()
-            size = mask.sum()
-            loss = -sim[:, target].mean() + cost * size
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            rate = (sim.argmax(1) == target).float().mean().item()
-            if rate >= bound and (best is None or size.item() < best["size"]):
-                best = {"mask": mask.detach().cpu().clone(), "pattern": pattern.detach().cpu().clone(),
-                        "size": size.item()}
-            up, down = (up + 1, 0) if rate >= bound else (0, down + 1)
-            if up >= cfg.cost_patience:
-                up, cost = 0, (cost * 1.5 if cost > 0 else cfg.init_cost)
-            elif down >= cfg.cost_patience:
-                down, cost = 0, cost / 1.5 ** 1.5
+            order = torch.randperm(n, generator=ctx.generator).to(device)
+            rates, sizes = [], []
+            for b in range(n_batches):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                mask, pattern = _from_tanh_space(raw_mask), _from_tanh_space(raw_pattern)
+                dirs = direction[idx]
+                x_adv = stamp(x_all[idx], mask[dirs].unsqueeze(1), pattern[dirs])
+                f = F.normalize(model.features(x_adv), dim=1)
+                sim = f @ centroids.t()
+                tgt = target_ids[dirs]
+                per_sample = -sim.gather(1, tgt[:, None]).squeeze(1)
+                hit = (sim.argmax(1) == tgt).float()
+                size = mask.flatten(1).sum(1)
+                loss = 0.0
+                batch_rates = []
+                for d in range(n_dir):
+                    mine = dirs == d
+                    term = per_sample[mine].sum()
+                    if reduction == "mean" and mine.any():
+                        term = term / mine.sum()
+                    loss = loss + term + costs[d] * size[d]
+                    batch_rates.append(hit[mine].mean().item() if mine.any() else float("nan"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                rates.append(batch_rates)
+                sizes.append(size.detach())
+            rate = torch.tensor(rates).mean(0)  # NaN (a direction absent from a batch) counts as a failure
+            mean_size = torch.stack(sizes).mean(0).cpu()
+            for d in range(n_dir):
+                ok = bool(rate[d] >= bound)
+                if ok and (best[d] is None or mean_size[d].item() < best[d]["mean_size"]):
+                    best[d] = {"mask": mask[d].detach().cpu().clone(), "pattern": pattern[d].detach().cpu().clone(),
+                               "mean_size": mean_size[d].item()}
+                    if cfg.restart_noise:  # restart from the new best, slightly perturbed
+                        eps = cfg.restart_noise
+                        noisy_m = best[d]["mask"] + (torch.rand(h, w, generator=ctx.generator) * 2 - 1) * eps
+                        noisy_p = best[d]["pattern"] + (torch.rand(3, h, w, generator=ctx.generator) * 2 - 1) * eps
+                        with torch.no_grad():
+                            raw_mask[d].copy_(_to_tanh_space(noisy_m.clamp(0, 1)).to(device))
+                            raw_pattern[d].copy_(_to_tanh_space(noisy_p.clamp(0, 1)).to(device))
+                up[d], down[d] = (up[d] + 1, 0) if ok else (0, down[d] + 1)
+                if up[d] >= cfg.cost_patience:
+                    up[d], costs[d] = 0, (costs[d] * 1.5 if costs[d] > 0 else cost)
+                elif down[d] >= cfg.cost_patience:
+                    down[d], costs[d] = 0, costs[d] / 1.5 ** 1.5
+            if history is not None:
+                history.append([(rate[d].item(), mean_size[d].item(), best[d]["mean_size"] if best[d] else None)
+                                for d in range(n_dir)])
+    for found in best:
+        if found is not None:
+            del found["mean_size"]
+            found["size"] = found["mask"].sum().item()
     return best
+
+
+# ----------------------------------------------------------------- pair schedule
+
+def select_pair(improvement: torch.Tensor, pair_step: int, cfg: MothConfig, generator) -> tuple[int, int, bool]:
+    """The next pair ``(source, target, by_improvement)``.
+
+    With probability ``random_pair_share`` an ordered pair drawn uniformly;
+    otherwise the unordered pair with the largest
+    ``(1 - a) * 2 + a * (D[s, t] + D[t, s])``, ``a = min(pair_step /
+    improvement_ramp, 1)``, where D is the distance-improvement table (the
+    constant 2 is the reference's warm-up term, see the parity page); ties go
+    to the first pair in row-major order, so source < target.
+    """
+    k = len(improvement)
+    if torch.rand(1, generator=generator).item() < cfg.random_pair_share:
+        s, t = torch.randperm(k, generator=generator)[:2].tolist()
+        return s, t, False
+    alpha = min(pair_step / cfg.improvement_ramp, 1.0) if cfg.improvement_ramp > 0 else 1.0
+    score = (1 - alpha) * 2.0 + alpha * (improvement + improvement.t())
+    score = score.masked_fill(~torch.ones(k, k, dtype=torch.bool).triu(1), float("-inf"))
+    s, t = divmod(int(score.flatten().argmax()), k)
+    return s, t, True
+
+
+def update_distance(distance: torch.Tensor, improvement: torch.Tensor, source: int, target: int, size: float) -> None:
+    """After a round: ``D <- (D + (size - last) / last) / 2`` and ``last <- size`` for direction source -> target.
+
+    A direction with no earlier distance (its universal trigger was not found)
+    only records the size.
+    """
+    last = distance[source, target].item()
+    if last > 0:
+        improvement[source, target] = (improvement[source, target] + (size - last) / last) / 2
+    distance[source, target] = size
 
 
 # ----------------------------------------------------------------- hardening
 
-def _pick(candidates: torch.Tensor, share: float, generator) -> torch.Tensor:
-    if len(candidates) == 0 or share <= 0:
-        return candidates[:0]
-    n = max(1, int(round(share * len(candidates))))
-    return candidates[torch.randperm(len(candidates), generator=generator)[:n]]
+def _pick(pool: torch.Tensor, n: int, generator) -> torch.Tensor:
+    return pool[torch.randperm(len(pool), generator=generator)[:n]]
 
 
 def moth_harden(encoder: Encoder, images: torch.Tensor, cfg: MothConfig, ctx):
@@ -188,91 +267,123 @@ def moth_harden(encoder: Encoder, images: torch.Tensor, cfg: MothConfig, ctx):
     ``target``, ``mask``, ``pattern``, ``size``), ``stats`` is JSON-able.
     """
     device = ctx.device
-    reference = frozen_copy(encoder).to(device)
-    feats = encode(reference, images, device)
-    centroids, labels = kmeans(feats, cfg.clusters, cfg.kmeans_iters, ctx.generator)
-    centroids = F.normalize(centroids, dim=1)
+    original = frozen_copy(encoder).to(device)
+    centroids, labels = kmeans(encode(original, images, device), cfg.clusters, cfg.kmeans_iters, ctx.generator)
+    centroids = F.normalize(centroids, dim=1).to(device)
     k = len(centroids)
+    h, w = images.shape[-2:]
+    max_size = cfg.max_mask_share * h * w
     augment = SimCLRAugment()
-    model = encoder.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # BatchNorm stays in eval mode throughout, inversion and training alike (as in the reference)
+    model = encoder.to(device).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(images))
-    steps_per_epoch = max(1, len(images) // batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warm_order = torch.randperm(k, generator=ctx.generator).tolist()
+    sizes = torch.bincount(labels, minlength=k)
+    per_class = int(min(cfg.warmup_per_class, sizes.min().item()))
+    warm_set = torch.cat([_pick(torch.nonzero(labels == j).flatten(), per_class, ctx.generator) for j in range(k)])
+    distance = torch.zeros(k, k)  # last trigger size per direction (source, target)
+    improvement = torch.zeros(k, k)
     universal: dict[int, dict] = {}
-    pair_triggers: dict[tuple[int, int], dict] = {}
+    latest: dict[tuple[int, int], dict] = {}  # last successful trigger per direction
     used: list[dict] = []
-    active: list[tuple[int | None, int, dict]] = []  # (source or None, target, trigger) stamped this step
-    stats = {"clusters": k, "cluster_sizes": torch.bincount(labels, minlength=k).tolist(), "inversions": 0,
-             "found": 0, "pairs": [], "loss": []}
+    stats = {"clusters": k, "cluster_sizes": sizes.tolist(), "warmup_set": len(warm_set), "inversions": 0,
+             "found": 0, "pairs": [], "random_pairs": 0, "loss": []}
 
-    def invert(sources: torch.Tensor, target: int, steps: int, bound: float, init) -> dict | None:
+    def current(s: int, t: int) -> dict | None:
+        return latest.get((s, t)) or universal.get(t)
+
+    def found(trig: dict | None, source, target) -> dict | None:
         stats["inversions"] += 1
-        if len(sources) < 2:
-            return None
-        found = invert_to_centroid(reference, images[sources], centroids, target, steps, bound, cfg, ctx, init)
-        if found is not None:
+        if trig is not None:
             stats["found"] += 1
-            found.update(target=target)
-            used.append(found)
-        return found
+            trig.update(source=source, target=target)
+        return trig
 
     batches: list[torch.Tensor] = []
-    epoch_loss, epoch_steps = 0.0, 0
-    for step in ctx.progress(range(total_steps), desc="moth", total=total_steps):
+    pass_loss, pass_steps = 0.0, 0
+    pair, failures, round_sizes, inv_steps, inv_cost = None, 0, [], cfg.inv_steps, cfg.init_cost
+    for step in ctx.progress(range(cfg.steps), desc="moth", total=cfg.steps):
         if not batches:
-            if epoch_steps:
-                stats["loss"].append(epoch_loss / epoch_steps)
-            epoch_loss, epoch_steps = 0.0, 0
+            if pass_steps:
+                stats["loss"].append(pass_loss / pass_steps)
+            pass_loss, pass_steps = 0.0, 0
             batches = ctx.batches(len(images), batch_size)
         idx = batches.pop(0)
-        # --- choose / invert the triggers for this step
-        if step < k:  # warm-up: a universal trigger per pseudo-class
-            t = warm_order[step]
-            trig = invert(torch.nonzero(labels != t).flatten(), t, cfg.warmup_inv_steps, cfg.warmup_success, None)
+        batch_labels = labels[idx]
+        stamps: list[tuple[torch.Tensor, dict]] = []  # (positions in the batch, trigger)
+        if step < k:  # warm-up: a universal trigger for pseudo-class t
+            t = step
+            members = warm_set[labels[warm_set] != t]
+            start = universal.get(0)  # the reference starts later warm-ups from the first one's trigger
+            init = [(start["mask"], start["pattern"])] if start and t > 0 else None
+            trig = found(invert_triggers(model, images[members], torch.zeros(len(members), dtype=torch.long), [t],
+                                         centroids, cfg.warmup_inv_steps, cfg.warmup_success, cfg.init_cost, cfg, ctx,
+                                         init, reduction="mean", keep_last=True)[0], None, t)
             if trig is not None:
-                trig["source"] = None
                 universal[t] = trig
-            active = [(None, t, trig)] if trig is not None else []
-        elif (step - k) % cfg.round_steps == 0:
-            active = []
-            pairs = torch.combinations(torch.arange(k), 2)
-            for row in torch.randperm(len(pairs), generator=ctx.generator)[:cfg.pairs_per_round].tolist():
-                a, b = pairs[row].tolist()
-                stats["pairs"].append([a, b])
-                for s, t in ((a, b), (b, a)):
-                    prev = pair_triggers.get((s, t))
-                    init = prev or universal.get(t)
-                    init = (init["mask"], init["pattern"]) if init else None
-                    trig = invert(torch.nonzero(labels == s).flatten(), t,
-                                  cfg.reuse_inv_steps if prev else cfg.inv_steps, cfg.success_bound, init)
-                    if trig is not None:
-                        trig["source"] = s
-                        pair_triggers[(s, t)] = trig
-                        active.append((s, t, trig))
+                distance[:, t] = trig["size"]
+                if trig["size"] < max_size:
+                    pool = torch.nonzero(batch_labels != t).flatten()
+                    stamps.append((_pick(pool, int(len(pool) * cfg.warm_ratio), ctx.generator), trig))
+            distance.fill_diagonal_(0)
+            if step == k - 1:
+                top = distance.max()
+                improvement = distance / top if top > 0 else distance.clone()
+        else:
+            phase = (step - k) % cfg.round_steps
+            if phase == 0:
+                s, t, by_improvement = select_pair(improvement, step - k, cfg, ctx.generator)
+                pair = (s, t)
+                stats["pairs"].append([s, t])
+                stats["random_pairs"] += not by_improvement
+                failures, round_sizes, inv_steps, inv_cost = 0, [], cfg.inv_steps, cfg.init_cost
+            s, t = pair
+            src = torch.nonzero(batch_labels == s).flatten()
+            tgt = torch.nonzero(batch_labels == t).flatten()
+            length = int(min(len(src), len(tgt)) * cfg.portion)
+            if length > 0:
+                if phase > 0:
+                    if failures:
+                        failures, inv_steps, inv_cost = 0, cfg.inv_steps, cfg.init_cost
+                    else:
+                        inv_steps, inv_cost = cfg.reuse_inv_steps, cfg.reuse_cost
+                members = torch.cat([src, tgt])
+                direction = torch.cat([torch.zeros(len(src), dtype=torch.long), torch.ones(len(tgt), dtype=torch.long)])
+                init = [(c["mask"], c["pattern"]) if c else None for c in (current(s, t), current(t, s))]
+                result = invert_triggers(model, images[idx[members]], direction, [t, s], centroids, inv_steps,
+                                         cfg.success_bound, inv_cost, cfg, ctx, init, reduction="sum", keep_last=False)
+                for (a, b, pool), trig in zip(((s, t, src), (t, s, tgt)), result):
+                    trig = found(trig, a, b)
+                    if trig is None:
+                        failures += 1
+                        continue
+                    latest[(a, b)] = trig
+                    if trig["size"] < max_size:
+                        stamps.append((_pick(pool, length, ctx.generator), trig))
+                round_sizes.append([c["size"] if c else 0.0 for c in (current(s, t), current(t, s))])
+            if phase == cfg.round_steps - 1 and round_sizes:
+                avg = torch.tensor(round_sizes).mean(0).tolist()
+                update_distance(distance, improvement, s, t, avg[0])
+                update_distance(distance, improvement, t, s, avg[1])
         # --- one hardening step
         x = to_float(images[idx], device)
         v1, v2 = augment(x), augment(x)
-        batch_labels = labels[idx]
-        stamped_idx, stamped = [], []
-        for s, t, trig in active:
-            share = cfg.warm_ratio if s is None else cfg.portion
-            pool = torch.nonzero(batch_labels != t if s is None else batch_labels == s).flatten()
-            pick = _pick(pool, share, ctx.generator)
+        v2_stamped, sel = v2.clone(), None
+        for pick, trig in stamps:
             if len(pick):
-                stamped_idx.append(pick)
-                stamped.append(stamp(v2[pick.to(device)], trig["mask"].to(device), trig["pattern"].to(device)))
-        v2_stamped = v2.clone()
-        sel = torch.cat(stamped_idx).to(device) if stamped_idx else None
-        if sel is not None:
-            v2_stamped[sel] = torch.cat(stamped)  # a sample picked twice keeps its last trigger
+                pick = pick.to(device)
+                v2_stamped[pick] = stamp(v2[pick], trig["mask"].to(device), trig["pattern"].to(device))
+                used.append(trig)
+        picks = [pick for pick, _ in stamps if len(pick)]
+        if picks:
+            sel = torch.cat(picks).to(device)
         feats_model = model.features(torch.cat([v1, v2_stamped]))
         z1, z2 = model.head(feats_model).chunk(2)
         loss = nt_xent(z1, z2, cfg.temperature)
         if cfg.consistency_weight:
             with torch.no_grad():
-                ref = F.normalize(reference.features(v1 if sel is None else torch.cat([v1, v2[sel]])), dim=1)
+                ref = F.normalize(original.features(v1 if sel is None else torch.cat([v1, v2[sel]])), dim=1)
             f1, f2 = F.normalize(feats_model, dim=1).chunk(2)
             consistency = 1 - (f1 * ref[:len(x)]).sum(1).mean()
             if sel is not None:
@@ -281,21 +392,29 @@ def moth_harden(encoder: Encoder, images: torch.Tensor, cfg: MothConfig, ctx):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        epoch_loss += loss.item()
-        epoch_steps += 1
-    if epoch_steps:
-        stats["loss"].append(epoch_loss / epoch_steps)
-    stats["trigger_sizes"] = [round(t["size"], 2) for t in used]
-    return model.eval(), used, stats
+        pass_loss += loss.item()
+        pass_steps += 1
+    if pass_steps:
+        stats["loss"].append(pass_loss / pass_steps)
+    unique = list({id(t): t for t in used}.values())
+    stats["stamped_triggers"] = len(unique)
+    stats["trigger_sizes"] = [round(t["size"], 2) for t in unique]
+    stats["distance"] = distance.tolist()
+    stats["improvement"] = improvement.tolist()
+    return model.eval(), unique, stats
+
+
+# what sets the compute: model updates and the three inversion pass counts; tiny and ci divide
+# every one of them by one factor (docs/methods/moth.md), nothing else changes
+BUDGET = ("steps", "warmup_inv_steps", "inv_steps", "reuse_inv_steps")
+SHRINK = {"tiny": 10, "ci": 25}
 
 
 @register_defense("moth", config=MothConfig,
                   summary="harden by inverting triggers between k-means pseudo-classes and training them away",
-                  profiles={"tiny": {"warmup_inv_steps": 40, "inv_steps": 30, "reuse_inv_steps": 10,
-                                     "epochs": 6, "lr": 0.01, "portion": 0.5},
-                            "ci": {"clusters": 5, "warmup_inv_steps": 15, "inv_steps": 10, "reuse_inv_steps": 5,
-                                   "inv_batch_size": 16, "epochs": 3, "batch_size": 64, "lr": 0.01, "portion": 0.5}},
-                  budget=("epochs",))
+                  profiles={name: {field: getattr(MothConfig, field) // factor for field in BUDGET}
+                            for name, factor in SHRINK.items()},
+                  budget=BUDGET)
 def moth(encoder, clean, cfg: MothConfig, ctx):
     encoder, triggers, stats = moth_harden(encoder, clean.images, cfg, ctx)
     for key, value in stats.items():
