@@ -3,8 +3,10 @@ plus the ``cuda``-marked subset that ``make gpu-check`` runs on a GPU (skipped h
 from __future__ import annotations
 
 import heapq
+import multiprocessing
 import os
 import queue
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
@@ -74,6 +76,26 @@ def test_worker_initialiser_pins_its_gpu(fake_gpus, monkeypatch):
         assert scheduler._WORKER_DEVICE == torch.device("cuda:0")
     assert sorted(seen) == ["0", "1", "2", "3"]
     assert torch.backends.cudnn.benchmark is True  # set in every CUDA worker
+
+
+def _worker_identity(barrier):
+    barrier.wait(timeout=120)  # both tasks must be running at once: one per process
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), str(scheduler._WORKER_DEVICE)
+
+
+@pytest.mark.slow
+def test_spawned_workers_each_see_their_own_gpu(fake_gpus):
+    """Real worker processes (spawned as `grid --workers` does) with fake GPUs: one CUDA_VISIBLE_DEVICES each."""
+    ctx = multiprocessing.get_context("spawn")
+    devices = ctx.Queue()
+    for a in assign_gpus(torch.device("cuda"), 2):
+        devices.put(a)
+    with ctx.Manager() as manager, ProcessPoolExecutor(2, mp_context=ctx, initializer=scheduler._init_worker,
+                                                        initargs=(devices, 1, os.getpid())) as pool:
+        barrier = manager.Barrier(2)
+        seen = {pid: (visible, dev) for pid, visible, dev in pool.map(_worker_identity, [barrier] * 2)}
+    assert len(seen) == 2 and sorted(v for v, _ in seen.values()) == ["0", "1"]
+    assert {d for _, d in seen.values()} == {"cuda:0"}
 
 
 def test_cudnn_benchmark_only_on_cuda(monkeypatch):
@@ -205,16 +227,15 @@ def test_cuda_resident_data_and_bf16_encoder():
 @pytest.mark.cuda
 @pytest.mark.slow
 @CUDA
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_micro_grid_every_defense(tmp_path, precision):
-    """Every grid defense of the ci profile (micro budgets) runs end to end on the GPU with data resident."""
+def test_cuda_micro_grid_every_defense(tmp_path, ci_env):
+    """Every grid defense of the ci profile (micro budgets) runs end to end on the GPU in bf16 (the paper
+    profile's CUDA precision; fp32 runs everywhere else) with its data resident on the device."""
     from defbench.benchmark.pipeline.results import ResultsDB
-    from defbench.benchmark.pipeline.settings import load_profile
+    from defbench.benchmark.pipeline.settings import load_profile, parse_sets
     from defbench.benchmark.pipeline.stages import Env
     from defbench.benchmark.pipeline.store import ArtifactStore
-    sets = dict(s.split("=", 1) for s in MICRO)
-    prof = load_profile("ci", {**sets, "encoder.precision": precision, "encoder.channels_last": "true"})
-    env = Env(ArtifactStore(tmp_path / "artifacts"), ResultsDB(tmp_path / "results.sqlite"), tmp_path / "data",
+    prof = load_profile("ci", parse_sets([*MICRO, "encoder.precision='bf16'", "encoder.channels_last=true"]))
+    env = Env(ArtifactStore(tmp_path / "artifacts"), ResultsDB(tmp_path / "results.sqlite"), ci_env.data_dir,
               torch.device("cuda"))
     spec = scheduler.grid_spec(prof, attacks=["badencoder"], pretrain=[PRETRAIN], downstream=[TASK])
     cells = scheduler.expand_grid(prof, spec)
@@ -225,16 +246,15 @@ def test_cuda_micro_grid_every_defense(tmp_path, precision):
 @pytest.mark.cuda
 @pytest.mark.slow
 @CUDA
-def test_cuda_workers_pinned_one_per_gpu(tmp_path):
+def test_cuda_workers_pinned_one_per_gpu(tmp_path, ci_env):
     """grid --workers N on N GPUs: every stage ran, each worker on its own GPU (recorded device is cuda:0 in a
     process that sees one GPU)."""
     from defbench.benchmark.pipeline.results import ResultsDB
-    from defbench.benchmark.pipeline.settings import load_profile
+    from defbench.benchmark.pipeline.settings import load_profile, parse_sets
     from defbench.benchmark.pipeline.stages import Env
     from defbench.benchmark.pipeline.store import ArtifactStore
-    sets = dict(s.split("=", 1) for s in MICRO)
-    prof = load_profile("ci", sets)
-    env = Env(ArtifactStore(tmp_path / "artifacts"), ResultsDB(tmp_path / "results.sqlite"), tmp_path / "data",
+    prof = load_profile("ci", parse_sets(MICRO))
+    env = Env(ArtifactStore(tmp_path / "artifacts"), ResultsDB(tmp_path / "results.sqlite"), ci_env.data_dir,
               torch.device("cuda"))
     spec = scheduler.grid_spec(prof, attacks=["badencoder"], defenses=["ft"], pretrain=[PRETRAIN],
                                downstream=[TASK, "synth-svhn"])
