@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 PROFILE ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test clean-venv table1 ablations bench bench-compare ci-small
+.PHONY: install demo test clean-venv table1 ablations bench bench-compare ci-small gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,3 +56,9 @@ bench-compare: $(STAMP)
 # prints what moved and fails if anything moved beyond its seed-spread tolerance.
 ci-small: $(STAMP)
 	$(BIN)/defbench golden check
+
+# The GPU path on a CUDA machine (under 8 minutes on one H100): the CUDA test subset, fp32 vs bf16 step ratios at
+# width 64 / batch 512, one tiny cell's wall time, the paper grid's estimated GPU-hours per stage kind (docs/gpu.md).
+# Refuses in one line without CUDA; `$(BIN)/python -m defbench.benchmark.gpu_check --device cpu --quick` is a dry run.
+gpu-check: $(STAMP)
+	$(BIN)/python -m defbench.benchmark.gpu_check

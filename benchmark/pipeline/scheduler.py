@@ -8,7 +8,8 @@ stages of every Table I cell. Executors:
 
 - ``local`` with ``workers=1``: in this process;
 - ``local`` with ``workers=N``: a pool of N processes, each pinned to one
-  device (one per GPU when CUDA is present, else CPU with the cores shared);
+  device: on CUDA each worker gets its own ``CUDA_VISIBLE_DEVICES`` (worker i
+  on GPU i mod G, :func:`.device.assign_gpus`), else the CPU with the cores shared;
 - ``submitit``: each ready stage becomes a submitit job (SLURM when ``sbatch``
   exists, otherwise submitit's local executor); ``submitit-local`` forces
   the local executor (what the tests use).
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...encoders.runtime import log, progress_enabled
+from .device import WorkerDevice, assign_gpus, pin_worker
 from .plan import cell_stages, downstream_tasks
 from .settings import Profile
 from .stages import Env, Stage, record_row, run_stage
@@ -145,8 +147,8 @@ def _init_worker(devices, threads: int, parent: int | None = None) -> None:
     global _WORKER_DEVICE
     if parent is not None:
         exit_with_parent(parent)
-    index = devices.get()
-    _WORKER_DEVICE = torch.device(index)
+    assigned = devices.get()
+    _WORKER_DEVICE = pin_worker(assigned if isinstance(assigned, WorkerDevice) else WorkerDevice(str(assigned)))
     torch.set_num_threads(threads)
     os.environ["DEFBENCH_PROGRESS"] = "0"  # one bar per process would garble the terminal
 
@@ -170,11 +172,8 @@ def run_stage_job(stage: Stage, env: Env) -> Outcome:
     return _safe_run(stage, env)
 
 
-def worker_devices(env: Env, workers: int) -> list[str]:
-    if env.device.type == "cuda":
-        count = torch.cuda.device_count()
-        return [f"cuda:{i % count}" for i in range(workers)]
-    return [str(env.device)] * workers
+def worker_devices(env: Env, workers: int) -> list[WorkerDevice]:
+    return assign_gpus(env.device, workers)
 
 
 # ------------------------------------------------------------------ scheduling

@@ -15,9 +15,13 @@ role...) and are not part of the key.
 
 A stage whose weights, features or losses are not finite fails with the stage
 named, and leaves no artifact and no row.
+
+On CUDA each runner puts its uint8 images on the device once (:func:`.device.resident`), so the loops'
+batches are indexed, converted and augmented there; on a CPU nothing moves.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,6 +38,7 @@ from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_e
 from ...encoders.checkpoints import CheckpointError
 from . import evaluate as evaluation
 from . import inputs
+from .device import configure_backends, resident
 from .keys import code_version, digest
 from .results import ResultsDB
 from .settings import EvalSettings
@@ -142,8 +147,8 @@ def _check_losses(stage: Stage, records: dict) -> None:
 def _run_pretrain(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
     encoder = build_encoder(s["encoder"]).to(ctx.device)
-    history = train_simclr(encoder, inputs.pretrain_images(env.data_dir, s), SimCLRConfig(**s["recipe"]), ctx,
-                           desc=f"pretrain {s['dataset']}")
+    images = resident(inputs.pretrain_images(env.data_dir, s), ctx.device)
+    history = train_simclr(encoder, images, SimCLRConfig(**s["recipe"]), ctx, desc=f"pretrain {s['dataset']}")
     ctx.record("loss_history", history)
     return {"encoder": encoder}
 
@@ -152,7 +157,10 @@ def _run_attack(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
     component = ATTACKS.get(s["attack"])
     clean = load_stage_encoder(env, stage.deps[0]) if stage.deps else None
-    encoder = component.fn(inputs.attack_inputs(env.data_dir, s, clean), component.config(**s["config"]), ctx)
+    given = inputs.attack_inputs(env.data_dir, s, clean)
+    given = dataclasses.replace(given, pretrain_images=resident(given.pretrain_images, ctx.device),
+                                target_images=resident(given.target_images, ctx.device))
+    encoder = component.fn(given, component.config(**s["config"]), ctx)
     return {"encoder": encoder}
 
 
@@ -162,7 +170,7 @@ def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     images, index = inputs.clean_subset(env.data_dir, s["clean"])
     torch.save(index, out / "clean_indices.pt")
     suspect = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
-    encoder = component.fn(suspect, CleanData(images), component.config(**s["config"]), ctx)
+    encoder = component.fn(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"defense {s['defense']!r} returned {type(encoder).__name__}, not an Encoder")
     return {"encoder": encoder, "result": {"n_clean": len(images)}}
@@ -190,9 +198,10 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     splits = inputs.evaluation_splits(env.data_dir, s, cfg.max_train, cfg.max_test)
     (train, train_id), (test, test_id) = splits["train"], splits["test"]
-    f_train = _features(env, stage, encoder, ctx, train.images, train_id, None, cfg.feature_batch)
-    f_test = _features(env, stage, encoder, ctx, test.images, test_id, None, cfg.feature_batch)
-    f_trig = _features(env, stage, encoder, ctx, test.images, test_id, s["trigger"], cfg.feature_batch)
+    train_images, test_images = resident(train.images, ctx.device), resident(test.images, ctx.device)
+    f_train = _features(env, stage, encoder, ctx, train_images, train_id, None, cfg.feature_batch)
+    f_test = _features(env, stage, encoder, ctx, test_images, test_id, None, cfg.feature_batch)
+    f_trig = _features(env, stage, encoder, ctx, test_images, test_id, s["trigger"], cfg.feature_batch)
     probe = evaluation.train_probe(f_train, train.labels, max(train.num_classes, test.num_classes), cfg, ctx)
     metrics = evaluation.score(evaluation.predict(probe, f_test, ctx.device),
                                evaluation.predict(probe, f_trig, ctx.device), test.labels, s["target"])
@@ -205,6 +214,7 @@ def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     measurement = MEASUREMENTS.get(stage.name)
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     images, _ = inputs.clean_subset(env.data_dir, s["clean"])
+    images = resident(images, ctx.device)
     named = {"clean": images, "triggered": trigger_from_description(s["trigger"]).apply(images)}
     result = measurement.fn(encoder, named, s["settings"], ctx)
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -217,6 +227,7 @@ RUNNERS = {"pretrain": _run_pretrain, "attack": _run_attack, "defend": _run_defe
 
 def run_stage(stage: Stage, env: Env) -> dict:
     """Compute one stage (its inputs must exist) and write its artifact; returns its meta."""
+    configure_backends(env.device)
     ctx = RunContext(device=env.device).reseed(stage.seed())
     started = time.perf_counter()
     meta = {"name": stage.name, "spec": stage.spec, "deps": [d.key for d in stage.deps],
