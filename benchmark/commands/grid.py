@@ -10,6 +10,7 @@ from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
 from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
 from .common import check_datasets, friendly_errors, make_profile_env, names, profile_options
 
 
@@ -23,30 +24,49 @@ def executor_options(fn):
 
 
 @click.command()
-@click.option("--attacks", default="", help="comma-separated attacks (default: the profile's grid.attacks)")
+@click.option("--attacks", default="", help="comma-separated attacks (default: the profile's grid.attacks; none: only "
+                                            "the --suspect encoders)")
 @click.option("--defenses", default="", help="comma-separated defenses (default: the profile's grid.defenses)")
 @click.option("--pretrain", "pretrain_sets", default="", help="comma-separated pre-training sets")
 @click.option("--downstream", default="", help="comma-separated tasks (default: each pre-training set's family)")
+@click.option("--suspect", "suspect_specs", multiple=True, metavar="NAME=PATH[:TRIGGER[:TARGET]]",
+              help="an external encoder checkpoint as a row group beside the attacks (repeatable); TRIGGER: "
+                   "patch:SIZE or a file (.npz, .png with alpha); also [suspects] in a profile")
 @executor_options
 @profile_options
 @friendly_errors
-def grid(attacks, defenses, pretrain_sets, downstream, executor, workers, profile, sets, seed, device, data_dir,
-         verbose):
+def grid(attacks, defenses, pretrain_sets, downstream, suspect_specs, executor, workers, profile, sets, seed,
+         device, data_dir, verbose):
     """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
     prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    suspects = profile_suspects(prof) + [resolve_suspect(name, **fields)
+                                         for name, fields in map(parse_suspect, suspect_specs)]
     spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
-                     names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"))
-    for what, items in (("attacks", spec.attacks), ("defenses", spec.defenses), ("pretrain", spec.pretrain)):
+                     names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"), suspects)
+    for what, items in (("attacks", spec.attacks or spec.suspects), ("defenses", spec.defenses),
+                        ("pretrain", spec.pretrain)):
         if not items:
             raise UserError(f"no {what} to run: give --{what} or set grid.{what} in the profile")
     for name in spec.attacks:
         ATTACKS.get(name)
+    seen = set(spec.attacks) | set(ATTACKS.names())
+    for suspect in spec.suspects:
+        if suspect.name in seen:
+            raise UserError(f"suspect name {suspect.name!r} is taken (an attack or another suspect); "
+                            "name each suspect differently")
+        seen.add(suspect.name)
     for name in spec.defenses:
         DEFENSES.get(name)
     cells = expand_grid(prof, spec)  # plans every stage: every setting is checked before anything runs
     for pretrain in spec.pretrain:
-        targets = {key[3]: stage.spec["target"] for key, stage in cells.items() if key[2] == pretrain}
-        check_datasets(prof, env, pretrain, list(targets), targets)
+        per_task: dict[str, set] = {}
+        for key, stage in cells.items():
+            if key[2] == pretrain:
+                per_task.setdefault(key[3], set()).add(stage.spec["target"])
+        # the target most likely out of range per task (a suspect's may differ from the attacks'; None: no trigger)
+        targets = {task: (min(ts) if min(ts) < 0 else max(ts)) for task, found in per_task.items()
+                   if (ts := {t for t in found if t is not None})}
+        check_datasets(prof, env, pretrain, list(per_task), targets)
     outcomes = run_and_summarise(list(cells.values()), env, executor, workers, prof)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)

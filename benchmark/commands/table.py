@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from ...core import UserError
 from ...defenses import DEFENSES
 from ...reports import tables
 from .. import paths
+from ..pipeline.external import Suspect, planned_suspect_key
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
 from ..pipeline.settings import parse_sets
@@ -36,6 +38,33 @@ def write_output(text: str, output: str | None) -> None:
     click.echo(f"wrote {output}")
 
 
+TABLE1_ROLES = ("clean", "undefended", "defended")
+
+
+def suspects_in_rows(rows) -> dict[str, Suspect]:
+    """The external encoders (``defbench grid --suspect`` / ``[suspects]``) behind ``rows``, by name: the newest
+    record of each (a name given to another file since then makes the older rows stale)."""
+    found: dict[str, Suspect] = {}
+    for _, row in rows.sort_values("created_at").iterrows():
+        try:
+            record = json.loads(row.extra or "{}").get("suspect")
+        except (TypeError, ValueError):
+            record = None
+        if record:
+            try:
+                found[row.attack] = Suspect.from_record(record)
+            except (KeyError, TypeError):
+                continue
+    return found
+
+
+def planned_key(prof, suspects: dict[str, Suspect], attack, defense, role, pretrain, downstream) -> str | None:
+    """The key today's code gives a Table I row: a built-in cell's, or an external suspect's (from its record)."""
+    if attack in suspects:
+        return planned_suspect_key(prof, suspects[attack], defense, role, pretrain, downstream)
+    return planned_evaluation_key(prof, attack, defense, role, pretrain, downstream)
+
+
 @click.command()
 @click.argument("name", type=click.Choice(["table1", "cost"]))
 @click.option("--profile", default="tiny", show_default=True)
@@ -54,7 +83,9 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
     db = open_results(prof.name)
     with where(f"cannot read the results database {db.path}"):
         found = db.evaluations(profile=prof.name)
-    rows, stale = tables.select_rows(found, prof.seed, functools.partial(planned_evaluation_key, prof))
+    found = found[found.role.isin(TABLE1_ROLES)]  # not `defbench evaluate`'s rows, nor a study's other roles
+    suspects = suspects_in_rows(found)
+    rows, stale = tables.select_rows(found, prof.seed, functools.partial(planned_key, prof, suspects))
     for defense in chosen:
         if defense not in DEFENSES and defense not in set(rows.defense):
             raise UserError(f"--defenses: {defense!r} is neither a registered defense nor in the results; "
@@ -66,6 +97,8 @@ def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defense
         columns = chosen or list(prof.grid.defenses) + sorted(
             set(rows[rows.role == "defended"].defense) - set(prof.grid.defenses))
         frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
+        table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
+                        if name in set(rows.attack)]
         title = f"Table I, profile {prof.name}, seed {prof.seed}: ACC / ASR (%)"
         text = tables.render(frame, columns, fmt, table_notes + notes, title)
     write_output(text, output)
