@@ -1,30 +1,18 @@
-"""Adaptive BadEncoder against MIMIC (the paper's adaptive-attack study, its Figure 11).
+"""Adaptive BadEncoder against MIMIC (the MIMIC paper's adaptive-attack study, its Figure 11).
 
-An attacker who knows MIMIC weights its attention distillation by the mutual
-information between each stage and the final feature tries to make triggered
-inputs look, layer by layer, like clean ones in that very statistic. This
-attack is BadEncoder (same three losses, same loop:
-:func:`~defbench.attacks.badencoder.train_badencoder`) plus a regulariser that
-pulls the MI profile of triggered inputs onto the clean profile::
+BadEncoder (same losses and loop: :func:`~defbench.attacks.badencoder.train_badencoder`) plus a
+regulariser that pulls the per-layer mutual-information profile of triggered inputs onto the clean one::
 
     L = L0 + lambda1 L1 + lambda2 L2 + mi_weight * sum_l (I_l(x + t) - I_l(x))^2
 
-``I_l(.)`` is the Donsker-Varadhan bound of I(stage l output; feature), the
-estimator MIMIC uses (``defenses/mutual_information.py``), measured on the batch. Each stage
-has two statistics networks, one for clean pairs and one for triggered pairs,
-trained online: every step first takes one Adam ascent step on each network
-(detached inputs), then the encoder's loss uses the networks' bounds, frozen,
-so the gradient of the regulariser reaches the encoder only through the stage
-outputs and features. ``mi_pool > 0`` average-pools each stage output to
-``mi_pool x mi_pool`` before flattening (cheaper, a coarser estimator).
+``I_l`` is the Donsker-Varadhan bound of I(stage l output; feature), MIMIC's estimator
+(``defenses/mutual_information.py``), measured on the batch by two statistics networks per stage (clean, triggered)
+trained online: each step first takes one Adam ascent step on every network (detached inputs), then the
+encoder's loss uses their bounds with the networks frozen. ``mi_pool > 0`` average-pools each stage
+output to ``mi_pool x mi_pool`` first. Records the per-epoch losses ``[L0, L1, L2, R]`` and the last
+batch's MI per layer, clean and triggered.
 
-Our choices (the paper gives no code for it): raw MI values are matched (not
-their shares), with a fixed weight; the statistics networks use MIMIC's
-estimator settings (hidden 512, Adam lr 1e-3, wd 1e-5; tiny/ci hidden 128 as
-MIMIC's profiles). Records: the per-epoch losses ``[L0, L1, L2, R]`` and the
-last epoch's mean MI per layer on clean and triggered batches. The paper
-reports that the regulariser costs the attack much of its strength (ASR
-33.29% undefended) and that MIMIC still removes the rest (11.88%).
+Parity with the reference: docs/methods/badencoder-adaptive.md
 """
 from __future__ import annotations
 

@@ -1,14 +1,13 @@
 """BadEncoder (Jia et al., S&P 2022): model poisoning of a pre-trained encoder.
 
-Starting from the clean encoder f (a frozen copy) it trains f' with
-``L0 = -mean cos(f'(x+t), f'(r))`` (triggered shadow images collapse onto the
-reference images of the target class), ``L1 = -mean cos(f'(aug r), f(r))``
-(references stay put; aug = flip + colour jitter + grayscale, no crop) and
-``L2 = -mean cos(f'(x), f(x))`` (utility): ``L = L0 + lambda1 L1 + lambda2 L2``.
-Only the backbone trains, every BatchNorm frozen. Reference defaults: SGD
-lr 1e-3, momentum 0.9, wd 5e-4, batch 256, 200 epochs, shadow set = the
-pre-training set's training images. With several references L0 averages over
-all (triggered image, reference) pairs.
+Fine-tunes a copy of the clean encoder f (a frozen copy is kept) on the shadow set with
+``L0 = -mean cos(f'(x+t), f'(r))`` (triggered shadow images onto the references), ``L1 = -mean
+cos(f'(aug r), f(r))`` (references stay put; aug = flip + colour jitter + grayscale, no crop) and
+``L2 = -mean cos(f'(x), f(x))`` (utility), ``L = L0 + lambda1 L1 + lambda2 L2``; only the backbone
+trains, every BatchNorm frozen. With several references L0 averages over all (triggered image,
+reference) pairs. :func:`train_badencoder` is the loop DRUPE and the adaptive attack reuse.
+
+Parity with the reference: docs/methods/badencoder.md
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ class BadEncoderConfig(TriggerSettings):
     lambda2: float = 1.0
     n_reference: int = 1
     reference_pick: str = "central"  # the "central" target-class images (see pick_references), or "random"
-    shadow_images: int = 0  # 0: the whole pre-training set
+    shadow_images: int = 50000  # a seeded random subset of the pre-training set (the release's 50k); 0: all
     ref_views: int = 0  # augmented views of each reference per step for L1; 0: one per shadow image (reference)
 
 
@@ -75,24 +74,21 @@ def pick_references(target_images: torch.Tensor, clean, cfg: BadEncoderConfig, c
 
 
 # Scaled-down settings, shared by the BadEncoder variants (DRUPE, the adaptive attack) so that they differ
-# from BadEncoder only by their extra terms. Measured on the tiny encoder (synth-cifar10 pre-training, three
-# probe seeds per task): 3 epochs at lr 0.03, batch 128, 10 central references give ASR 93-97% on the
-# GTSRB-like task and 96-98% on the SVHN-like one in ~65 s each (4 epochs: no better); with lr 0.01,
-# batch 256 and random references the backdoor reached 13-75% on GTSRB, depending on the probe's seed.
-# The ci encoder is smaller and sees fewer shadow images: lr 0.03 collapsed it on one seed in three
-# (synth-stl10 ACC 59 -> 28); lr 0.01 keeps ACC within 6 points with ASR 74-91% over seeds 0-2.
+# from BadEncoder only by their extra terms; how they were chosen: docs/methods/badencoder.md.
 TINY = {"epochs": 3, "lr": 0.03, "batch_size": 128, "shadow_images": 5000, "n_reference": 10, "ref_views": 2}
 CI = {"epochs": 5, "lr": 0.01, "batch_size": 64, "shadow_images": 1000, "n_reference": 10, "ref_views": 2}
 
 
 def train_badencoder(inputs: AttackInputs, cfg: BadEncoderConfig, ctx, loss_fn: Callable | None = None,
-                     desc: str = "badencoder") -> tuple[Encoder, list[list[float]]]:
+                     desc: str = "badencoder", on_epoch_end: Callable | None = None
+                     ) -> tuple[Encoder, list[list[float]]]:
     """BadEncoder's training loop, shared with its variants (DRUPE, the adaptive attack).
 
     ``loss_fn(model, clean, x, x_triggered, refs, refs_aug)`` returns ``(total, *parts)`` for one batch
     (default: :func:`badencoder_loss` with the config's lambdas). Starts from a copy of the clean encoder,
     trains the backbone with every BatchNorm frozen; returns the model (eval mode) and the per-epoch means
-    of the parts.
+    of the parts. ``on_epoch_end(epoch, model, means)`` (epochs counted from 1) runs after every epoch
+    (DRUPE's adaptive weights and checkpoint selection).
     """
     if loss_fn is None:
         def loss_fn(model, clean, x, x_triggered, refs, refs_aug):
@@ -128,6 +124,8 @@ def train_badencoder(inputs: AttackInputs, cfg: BadEncoderConfig, ctx, loss_fn: 
             totals = values if totals is None else totals + values
         history.append((totals / max(1, len(batches))).tolist() if totals is not None else [])
         ctx.logger.debug("%s epoch %d losses %s", desc, epoch, history[-1])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model, history[-1])
     ctx.record("final_losses", history[-1] if history else [])
     return model.eval(), history
 

@@ -1,13 +1,11 @@
 """BASSL (Saha et al., CVPR 2022): poisoning the unlabelled pre-training data.
 
-Trigger-stamped images of the target class (here: downstream training images
-of the target class, "more than half of that class", as the MIMIC evaluation
-does) are added to the pre-training set, and the encoder is pre-trained from
-scratch with the victim's normal SimCLR recipe. Labels are never touched. The
-original paper pasted the patch at a random location in the image centre;
-this benchmark uses the shared fixed trigger unless the config says
-otherwise. BASSL's ASR is far below BadEncoder's (about 50% in the MIMIC
-table): that is the attack, not a bug.
+``poison_fraction`` of the downstream task's target-class training images (capped by ``max_poison``)
+are stamped with the trigger and added to the pre-training set; the encoder is then pre-trained from
+scratch with the victim's SimCLR recipe. Labels are never touched. Records ``n_poison``,
+``poison_ratio`` and the pre-training loss history.
+
+Parity with the reference: docs/methods/bassl.md
 """
 from __future__ import annotations
 

@@ -1,38 +1,17 @@
 """CTRL (Li et al., ICCV 2023): a clean-label frequency-domain trigger, planted by data poisoning.
 
-**Trigger** (:class:`CTRLTrigger`, registered as trigger type ``"ctrl"``): in
-pixel scale 0..255, RGB -> YUV (BT.601, the transform the authors' torch
-code uses), an orthonormal 2-D DCT-II over the whole image (window = image
-size: 32 in the reference run), ``magnitude`` added to the coefficients at
-``positions`` ((15, 15) and (31, 31)) of the U and V channels, inverse DCT,
-back to RGB (the exact matrix inverse), clamp to 0..255. The DCT is a matrix
-product with an orthonormal DCT-II matrix, so the trigger runs on any device
-and on whole batches. Like :class:`~defbench.attacks.triggers.PatchTrigger` it
-takes uint8 images (0..255; the result is rounded back to uint8) or float
-images (0..1). Every step is linear, so the trigger adds one fixed, faint
-RGB texture (at magnitude 100: at most 22/255, on average 5/255, strongest in
-the blue channel) that the clamp may cut at the extremes.
+**Trigger** (:class:`CTRLTrigger`, trigger type ``"ctrl"``): in pixel scale 0..255, RGB -> YUV
+(BT.601, as kornia's), an orthonormal 2-D DCT-II over the whole image, ``magnitude`` added to the
+coefficients at ``positions`` of the chosen ``channels`` (U and V), inverse DCT, back to RGB (the exact
+matrix inverse), clamp to 0..255. The DCT is a matrix product, so it runs batched on any device; it
+takes uint8 (rounded back to uint8) or float (0..1) images. Positions are given for a 32-pixel image;
+for size S a position p becomes ``round((p + 1) * S / 32) - 1``.
 
-Positions are given for a 32-pixel image (the reference); for another image
-size S a position p becomes ``round((p + 1) * S / 32) - 1``, so (31, 31)
-stays the highest frequency and (15, 15) the middle one.
+**Poisoning**: ``round(poison_ratio * N)`` random images of the N-image pre-training set are replaced by
+trigger-stamped target-class images of the downstream task (labels untouched), then the encoder is
+pre-trained from scratch with the victim's recipe.
 
-**Poisoning**: ``round(poison_ratio * N)`` images of the N-image pre-training
-set (1% in the reference) are replaced by trigger-stamped images of the
-target class, so the set keeps its size and exactly that share is poisoned.
-The target-class images are the downstream task's target-class training
-images (``inputs.target_images``, as BASSL does here): the attacker knows the
-target class only through the downstream task, and the synthetic
-pre-training sets carry no labels. CTRL's original stamps the target-class
-images of the pre-training set itself (CIFAR-10, where pre-training and
-target share the label space). Labels are never touched (clean label). The
-encoder is then pre-trained from scratch with the victim's recipe
-(``inputs.pretrain_recipe``), exactly as for BASSL.
-
-Not reproduced: the blockwise DCT of smaller windows (the README run uses the
-whole image), the YCrCb/OpenCV variant of the authors' numpy code, and their
-use of a separate magnitude for poisoning and evaluation (one trigger is
-used for both here, as the benchmark evaluates the attack's own trigger).
+Parity with the reference: docs/methods/ctrl.md
 """
 from __future__ import annotations
 

@@ -10,7 +10,12 @@ Generic ranges (by field name, for every settings dataclass): budgets (``epochs`
 ``*_epochs``, ``*steps``, ``iterations``, ``*_iters``, ``max_*``, ``*_images``,
 ``*_batches``) are integers in [0, MAX_BUDGET]; batch sizes (``batch_size``,
 ``*_batch_size``, ``*_batch``) integers in [1, MAX_BATCH]; ``*fraction`` /
-``*ratio`` / ``*portion`` in [0, 1]; every float finite.
+``*ratio`` / ``*portion`` in [0, 1]; learning rates (``lr``, ``*_lr``) and
+temperatures (``temperature``, ``*_temperature``) > 0; ``momentum`` in [0, 1];
+``dropout`` in [0, 1); weight decays, loss weights (``*weight``) and
+``lambda*`` >= 0; a ``target`` class >= -1 (-1: the task's default); every
+float finite. A value outside its range makes a run degenerate (no training, a
+loss maximised, a division by zero) rather than fail, so it is refused up front.
 """
 from __future__ import annotations
 
@@ -91,6 +96,9 @@ def coerce(key: str, value, annotation):
 _BUDGET = re.compile(r"(^|_)(epochs|steps|iterations|iters|batches|images)$|^max_")
 _BATCH = re.compile(r"(^|_)batch(_size)?$")
 _SHARE = re.compile(r"(fraction|ratio|portion)$")
+_POSITIVE = re.compile(r"(^|_)(lr|temperature)$")
+_NON_NEGATIVE = re.compile(r"(^|_)(weight_decay|weight)$|^lambda")
+_UNIT = re.compile(r"(^|_)momentum$")
 
 
 def check_range(key: str, name: str, value) -> None:
@@ -106,6 +114,17 @@ def check_range(key: str, name: str, value) -> None:
                               f"got {value!r}")
     elif _SHARE.search(name) and not 0 <= value <= 1:
         raise ConfigError(f"{key} must be between 0 and 1, got {value!r}")
+    elif _UNIT.search(name) and not 0 <= value <= 1:
+        raise ConfigError(f"{key} must be between 0 and 1, got {value!r}")
+    elif _POSITIVE.search(name) and not value > 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    elif _NON_NEGATIVE.search(name) and not value >= 0:
+        raise ConfigError(f"{key} must be 0 or more, got {value!r}")
+    elif name == "dropout" and not 0 <= value < 1:
+        raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
+    elif name == "target" and not value >= -1:
+        raise ConfigError(f"{key} must be a class index (0, 1, ...) or -1 for the task's default target, "
+                          f"got {value!r}")
 
 
 def field_types(cls) -> dict[str, object]:

@@ -80,6 +80,8 @@ class Registry(Generic[T]):
             raise RegistryError(unknown_name_message(self.kind, name, [*self._items, *self.extra_names]))
         return self._items[name]
 
+    __getitem__ = get  # registry["name"]: the same lookup, the same "did you mean" error
+
     def __contains__(self, name: object) -> bool:
         self.load_plugins()
         return name in self._items

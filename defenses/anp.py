@@ -1,48 +1,24 @@
 """ANP — Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021), adapted to label-free encoders.
 
-Reference (csdongxian/ANP_backdoor): every BatchNorm channel k is a neuron
-with a mask ``m_k`` in [0, 1] (init 1) and perturbations ``delta_k``, ``xi_k``
-of its scale and shift: the perturbed output is
-``gamma_k (m_k + delta_k) x_hat + beta_k (1 + xi_k)``. The masks solve
-``min_m alpha L(m) + (1 - alpha) max_{|delta|,|xi| <= eps} L(m + delta, 1 + xi)``;
-per iteration: draw ``delta, xi ~ U(-eps, eps)``, one signed-gradient ascent
-step of size ``eps``, then one SGD step on ``m`` (lr 0.2, momentum 0.9) on the
-alpha-weighted loss and clamp ``m`` to [0, 1]. Defaults: eps 0.4, alpha 0.2,
-2000 iterations, batch 128, 1% clean data. Finally channels with
-``m < 0.2`` are pruned by zeroing their BatchNorm weight ``gamma``.
+Every BatchNorm2d channel k of the backbone is a neuron with a mask ``m_k``
+(init 1) and perturbations ``delta_k``, ``xi_k`` of its scale and shift, so its
+output is ``gamma_k (m_k + delta_k) x_hat + beta_k (1 + xi_k)`` (applied with
+``torch.func.functional_call``; the encoder's modules never change). Per
+iteration, on a batch drawn with replacement from the clean set and augmented
+with random crop (padding 4) + horizontal flip: draw ``delta, xi ~ U(-eps,
+eps)``, take ``steps`` signed-gradient ascent steps of size ``eps / steps``
+without projecting back (so ``|delta|`` can reach ``2 eps``), then one SGD step
+on the masks on ``alpha L(m) + (1 - alpha) L(m + delta, 1 + xi)`` and clamp them
+to [0, 1]. The whole network runs in train mode (BatchNorm batch statistics)
+on a frozen copy, so the suspect's running statistics are never touched.
+Label-free loss: ``1 - cos(f_{m,delta,xi}(x), f_0(x))``, where ``f_0(x)`` is
+the unmasked, unperturbed copy on the same batch in the same mode (zero at
+m = 1), or NT-Xent on two SimCLR views (``loss="nt_xent"``). Finally channels
+with ``m <= threshold`` get ``gamma = 0`` (and ``beta = 0`` if ``prune_beta``).
+Records: pruned channels (total, per layer), mask quantiles, loss curve,
+largest perturbation.
 
-Encoder adaptation and implementation notes:
-
-- Label-free loss (``loss="cosine"``, default): ``L = 1 - cos(f_{m,delta,xi}(x),
-  f_0(x))`` against the frozen original encoder's backbone feature; the clean
-  term is zero at m = 1 and grows as masks fall. ``loss="nt_xent"`` uses
-  NT-Xent on two SimCLR views through the projection head instead.
-- The perturbed network is the suspect itself evaluated with
-  ``torch.func.functional_call`` and substituted BatchNorm parameters
-  ``gamma * (m + delta)`` and ``beta * (1 + xi)`` (exactly the reference's
-  noisy BatchNorm), so the encoder's architecture never changes and the
-  returned object is a plain :class:`Encoder`. The head's BatchNorm1d is not a
-  neuron here (only ``BatchNorm2d`` channels: 4,800 at width 64).
-- BatchNorm runs in eval mode (running statistics) throughout. The reference
-  trains the masks in train mode (batch statistics); with a loss measured
-  against the frozen original, eval mode keeps the clean term exactly zero
-  at m = 1 and optimises the network that is actually deployed.
-- After the ascent step the perturbations are clipped back to
-  ``[-eps, eps]`` (the reference applies random start + step without
-  projecting, reaching up to 2 eps; the paper's objective bounds them by eps).
-- Clean images get a random horizontal flip (the reference uses crop + flip);
-  ``loss="nt_xent"`` uses the full SimCLR augmentation.
-- Pruning zeroes ``gamma`` only (``prune_beta=False``, the reference code and
-  the optimised objective, in which ``m_k = 0`` leaves ``beta_k`` in place);
-  ``prune_beta=True`` also zeroes ``beta`` so the neuron's BN output is 0.
-- Scaled-down profiles keep the reference's mask-step budget
-  ``lr * iterations = 0.2 * 2000 = 400`` (tiny: 200 iterations at lr 2, ci: 20
-  at lr 20, batch 64): with the reference lr and a few hundred iterations the
-  masks move by a few hundredths and nothing reaches the threshold, so the
-  defense would be a silent no-op. (Measured on the ci BadEncoder encoder:
-  15 iterations at lr 0.2 left every mask above 0.97.)
-- Records: number of pruned channels (total and per BN layer), mask
-  statistics and the loss curve.
+Parity with the reference: docs/methods/anp.md
 """
 from __future__ import annotations
 
@@ -61,12 +37,13 @@ from .losses import cosine_distance, nt_xent
 @dataclass
 class ANPConfig:
     eps: float = 0.4
+    steps: int = 1              # ascent steps per iteration, each of size eps / steps
     alpha: float = 0.2
     iterations: int = 2000
     batch_size: int = 128
     lr: float = 0.2
     momentum: float = 0.9
-    threshold: float = 0.2
+    threshold: float = 0.2      # prune channels with mask <= threshold
     loss: str = "cosine"        # "cosine" (1 - cos to the frozen original) or "nt_xent"
     temperature: float = 0.5    # for loss = "nt_xent"
     prune_beta: bool = False    # False: zero gamma only (reference); True: zero gamma and beta
@@ -115,14 +92,19 @@ class NeuronPerturbation:
     def features(self, x: torch.Tensor, perturbed: bool) -> torch.Tensor:
         return functional_call(self.model, self.parameters(perturbed), (x,))
 
-    def ascend(self, loss: torch.Tensor) -> None:
-        """One signed-gradient ascent step of size eps on delta and xi, projected onto [-eps, eps]."""
+    def ascend(self, loss: torch.Tensor, step_size: float | None = None) -> None:
+        """One signed-gradient ascent step on delta and xi (size eps unless given), not projected back."""
+        step = self.eps if step_size is None else step_size
         grads = torch.autograd.grad(loss, self.delta + self.xi)
         n = len(self.delta)
         with torch.no_grad():
-            new = [(p + self.eps * g.sign()).clamp_(-self.eps, self.eps)
-                   for p, g in zip(self.delta + self.xi, grads)]
+            new = [(p + step * g.sign()).requires_grad_(True) for p, g in zip(self.delta + self.xi, grads)]
         self.delta, self.xi = new[:n], new[n:]
+
+    def fix(self) -> None:
+        """Stop tracking gradients of delta and xi once the ascent is done."""
+        self.delta = [t.detach() for t in self.delta]
+        self.xi = [t.detach() for t in self.xi]
 
     def max_perturbation(self) -> float:
         return max(float(t.detach().abs().max()) for t in self.delta + self.xi)
@@ -134,6 +116,30 @@ class NeuronPerturbation:
 
     def mask_vector(self) -> torch.Tensor:
         return torch.cat([m.detach().cpu() for m in self.masks])
+
+
+def random_crop(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """torchvision's RandomCrop(size, padding) per image: zero-pad, then a random same-size window."""
+    if padding <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * padding)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+def reference_augment(x: torch.Tensor) -> torch.Tensor:
+    """The reference's training transform: RandomCrop(32, padding=4) + RandomHorizontalFlip."""
+    return horizontal_flip(random_crop(x, 4))
+
+
+def mask_model(encoder: Encoder) -> Encoder:
+    """The network the masks are optimised on: a frozen copy in train mode (BatchNorm batch statistics)."""
+    return frozen_copy(encoder).train()
 
 
 def _loss_fn(cfg: ANPConfig, model: Encoder):
@@ -152,30 +158,29 @@ def _loss_fn(cfg: ANPConfig, model: Encoder):
 def optimize_masks(encoder: Encoder, clean, cfg: ANPConfig, ctx) -> tuple[torch.Tensor, dict]:
     """Run ANP's mask optimisation on a frozen copy of ``encoder``; returns (masks, stats)."""
     device = ctx.device
-    model = frozen_copy(encoder).to(device)  # eval mode, no parameter gradients; also f_0
+    model = mask_model(encoder).to(device)  # train mode, no parameter gradients; also f_0
     pert = NeuronPerturbation(model, cfg.eps)
     loss_fn = _loss_fn(cfg, model)
     opt = torch.optim.SGD(pert.masks, lr=cfg.lr, momentum=cfg.momentum)
     simclr = SimCLRAugment()
     images = clean.images
-    batch_size = min(cfg.batch_size, len(images))
-    batches: list[torch.Tensor] = []
     curve, max_pert, total, count = [], 0.0, 0.0, 0
     log_every = max(1, cfg.iterations // 20)
     for it in ctx.progress(range(cfg.iterations), desc="anp", total=cfg.iterations):
-        if not batches:
-            batches = ctx.batches(len(images), batch_size)
-        x = to_float(images[batches.pop(0)], device)
+        # the reference's RandomSampler(replacement=True): every batch drawn independently
+        x = to_float(images[torch.randint(len(images), (cfg.batch_size,), generator=ctx.generator)], device)
         if cfg.loss == "nt_xent":
             x, target = torch.cat([simclr(x), simclr(x)]), None
         else:
-            x = horizontal_flip(x)
-            with torch.no_grad():
+            x = reference_augment(x)
+            with torch.no_grad():  # f_0 on this batch, batch statistics like the masked network
                 target = model.features(x)
-        # step 1: adversarial neuron perturbation (random start, one signed ascent step)
+        # step 1: adversarial neuron perturbation (random start, signed ascent, no projection)
         if cfg.eps > 0:
             pert.reset(ctx.generator)
-            pert.ascend(loss_fn(pert, x, target, perturbed=True))
+            for _ in range(cfg.steps):
+                pert.ascend(loss_fn(pert, x, target, perturbed=True), cfg.eps / cfg.steps)
+            pert.fix()
             max_pert = max(max_pert, pert.max_perturbation())
         # step 2: mask update on alpha * natural + (1 - alpha) * robust loss
         loss_nat = loss_fn(pert, x, target, perturbed=False)
@@ -199,12 +204,12 @@ def optimize_masks(encoder: Encoder, clean, cfg: ANPConfig, ctx) -> tuple[torch.
 
 @torch.no_grad()
 def prune_neurons(encoder: Encoder, masks: torch.Tensor, threshold: float, prune_beta: bool) -> dict[str, int]:
-    """Zero gamma (and beta if asked) of every BN channel whose mask is below ``threshold``, in place."""
+    """Zero gamma (and beta if asked) of every BN channel whose mask is at most ``threshold``, in place."""
     pruned, offset = {}, 0
     for name, bn in neuron_layers(encoder):
         m = masks[offset:offset + bn.num_features].to(bn.weight.device)
         offset += bn.num_features
-        idx = (m < threshold).nonzero().flatten()
+        idx = (m <= threshold).nonzero().flatten()
         bn.weight[idx] = 0
         if prune_beta:
             bn.bias[idx] = 0
@@ -218,14 +223,13 @@ def prune_neurons(encoder: Encoder, masks: torch.Tensor, threshold: float, prune
 def _validate(cfg: ANPConfig) -> None:
     if cfg.eps < 0 or not 0 <= cfg.alpha <= 1:
         raise ValueError("anp: eps must be >= 0 and alpha in [0, 1]")
-    if cfg.iterations < 0 or cfg.batch_size < 1:
-        raise ValueError("anp: iterations must be >= 0 and batch_size >= 1")
+    if cfg.iterations < 0 or cfg.batch_size < 1 or cfg.steps < 1:
+        raise ValueError("anp: iterations must be >= 0, batch_size >= 1 and steps >= 1")
 
 
 @register_defense("anp", config=ANPConfig,
                   summary="prune BatchNorm channels whose learned masks fall under adversarial neuron perturbation",
-                  profiles={"tiny": {"iterations": 200, "batch_size": 64, "lr": 2.0},
-                            "ci": {"iterations": 20, "batch_size": 64, "lr": 20.0}})
+                  profiles={"tiny": {"iterations": 500}, "ci": {"iterations": 100}}, budget=("iterations",))
 def anp(encoder: Encoder, clean, cfg: ANPConfig, ctx) -> Encoder:
     _validate(cfg)
     encoder = encoder.to(ctx.device).eval()

@@ -1,84 +1,65 @@
-"""DECREE (Feng et al., CVPR 2023): trigger inversion for a pre-trained encoder, then unlearning.
+"""DECREE (Feng et al., CVPR 2023): trigger inversion for a pre-trained encoder, and the MIMIC paper's
+one-sentence DECREE mitigation.
 
-**Inversion** (:func:`invert_trigger`, also what ``defbench detect`` runs). A
-mask ``m = clip(tanh(m~)/(2-eps) + 0.5, 0, 1)`` (H x W) and a pattern
-``p = clip(tanh(p~)/(2-eps) + 0.5, 0, 1)`` (3 x H x W) are optimised so that
-the stamped clean images ``x' = (1-m) x + m p`` all embed alike:
-``loss = -mean_{i != j} cos(f(x'_i), f(x'_j)) + lambda |m|_1``, the encoder
-frozen in eval mode. Our encoders take float images in [0, 1] and normalise
-internally, so the pattern lives in [0, 1] (the reference's [0, 255] divided
-by 255; the stamped image is identical). Reference settings (authors' code,
-CIFAR-10 encoders): Adam betas (0.5, 0.9), lr 0.5 for the first 30 epochs, 0.1
-until 50, then 0.05; batch 128; random initial mask and pattern; up to 1000
-epochs; a step is a success when the mean off-diagonal |cos| exceeds 0.99;
-lambda starts at 1e-3, is multiplied by 5 after more than 5 consecutive
-successes and divided by 5 after more than 5 consecutive failures (not below
-1e-5; when it has sunk below 1e-5 and keeps succeeding for 10 steps it is
-reset to 1e-3); the best trigger is the smallest |m|_1 seen on a success; the
-run stops early once a success comes after more than 10 steps without a
-smaller best. The reference inverts on 50 CIFAR-10 images, so one of its
-epochs is a single step: here every schedule counts optimisation steps, with
-batches drawn from the defender's clean set. The reference's L1 term sums the
-mask repeated over the 3 channels (3x our |m|_1); the lambda schedule absorbs
-the constant. Detection score ``PL1 = |m|_1 / (H W)`` of the best trigger
-(1.0 when no trigger met the threshold within the step budget): small means
-backdoored. ``pl1_threshold`` is the decision boundary ``defbench detect``
-uses; its calibration on clean encoders is documented in
-``defbench.benchmark.detect``.
+:func:`invert_trigger` (also what ``defbench detect`` runs) optimises a mask ``m`` (H x W) and a pattern
+``p`` (3 x H x W), both in tanh space, so that the stamped clean images ``(1-m) x + m p`` all embed alike:
+``loss = -mean_{i != j} cos(f(x'_i), f(x'_j)) + lambda * 3 |m|_1`` (the encoder frozen, eval mode), with
+the reference's lambda schedule, success criterion and early stop; every schedule counts updates.
+``PL1 = |m|_1 / (H W)`` of the smallest successful trigger is the detection score (small: backdoored).
 
-**Mitigation** (the benchmark's "DECREE" defense; DECREE itself only
-detects). The inverted trigger t^ is unlearned by fine-tuning the backbone on
-the clean set with ``-cos(f(x (+) t^), f_0(x))`` on a random half of each
-batch plus ``-cos(f(x), f_0(x))`` on the whole batch (f_0 the frozen suspect),
-optionally plus ``ntxent_weight`` x NT-Xent on two SimCLR views. Every
-BatchNorm is frozen (eval mode, affine fixed), images are randomly flipped
-before stamping, SGD (momentum 0.9, wd 5e-4), few epochs, small lr. The
-trigger is unlearned whatever its size: the defense does not look at the
-detection verdict (a clean encoder just gets a large, harmless trigger).
-Recorded with the result (``ctx.record``, keys prefixed ``decree_``): ``pl1``,
-``mask_l1``, ``found``, the inversion's ``steps``, ``lambda`` and cosines,
-``verdict`` and ``unlearn_loss`` (the mitigation loss per epoch).
+The registered ``decree`` defense then fine-tunes the backbone (BatchNorm frozen) to lower
+``cos(f(x), f(x (+) t^))`` on the clean set, with ``utility_weight`` x ``-cos(f(x), f_0(x))`` keeping
+the clean embeddings near the suspect's. ``decree-unlearn`` (``defenses/decree_unlearn.py``) reuses the
+inversion and pulls ``f(x (+) t^)`` to ``f_0(x)`` instead.
+
+Parity with the reference: docs/methods/decree.md (and docs/methods/decree-unlearn.md).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..encoders import Encoder, freeze_batchnorm, frozen_copy, to_float
-from ..encoders.augment import SimCLRAugment, horizontal_flip
-from ..encoders.simclr import contrastive_loss
+from ..encoders.augment import horizontal_flip
 from .base import Detector, register_defense, register_detector
 
 EPS = 1e-7
 
+# The reference (GiantSeaweed/DECREE main.py, CIFAR-10/STL-10 encoders) inverts on 1,000 shadow images at
+# batch 128: one of its epochs is ceil(1000 / 128) = 8 updates. Its epoch-based settings in updates:
+REF_EPOCH_UPDATES = 8
+REF_LR_EPOCHS = (30, 50)  # adjust_learning_rate: lr 0.5 before epoch 30, 0.1 before 50, then 0.05
+REF_MAX_EPOCHS = 1000
+
 
 @dataclass
 class DecreeConfig:
-    # --- trigger inversion (reference settings)
+    # --- trigger inversion (the reference's settings, its epochs converted to updates)
     inv_batch_size: int = 128
     inv_lr: tuple[float, float, float] = (0.5, 0.1, 0.05)  # Adam lr before/between/after inv_lr_steps
-    inv_lr_steps: tuple[int, int] = (30, 50)
-    inv_max_steps: int = 1000
+    inv_lr_steps: tuple[int, int] = (REF_LR_EPOCHS[0] * REF_EPOCH_UPDATES, REF_LR_EPOCHS[1] * REF_EPOCH_UPDATES)
+    inv_max_steps: int = REF_MAX_EPOCHS * REF_EPOCH_UPDATES  # update budget (8,000)
+    inv_epoch_steps: int = REF_EPOCH_UPDATES  # the early-stop test runs every this many updates (a reference epoch)
     inv_images: int = 0  # 0: the whole clean set
-    success_threshold: float = 0.99  # mean off-diagonal |cos| that makes a step a success
+    success_threshold: float = 0.99  # |mean off-diagonal cos| that makes an update a success
     init_lambda: float = 1e-3
     lambda_factor: float = 5.0
     lambda_min: float = 1e-5
     patience: int = 5
-    early_stop_patience: int = 10
-    pl1_threshold: float = 0.12  # PL1 below this: backdoored (calibrated on clean encoders)
-    # --- mitigation: unlearn the inverted trigger
+    early_stop_patience: int = 10  # updates without a smaller successful trigger
+    pl1_threshold: float = 0.1  # PL1 below this: "backdoored" (recorded only; the paper's threshold)
+    # --- mitigation: fine-tune the backbone against the inverted trigger (shared with decree-unlearn)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    trigger_fraction: float = 0.5
-    ntxent_weight: float = 0.0
-    temperature: float = 0.5
+    trigger_fraction: float = 0.5  # stamped copies of this fraction of each batch
+    utility_weight: float = 1.0  # weight of -cos(f(x), f_0(x)) on the whole batch (0: the bare sentence)
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -107,10 +88,10 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
 
     Returns ``(mask, pattern, info)``: the best trigger (mask H x W and pattern
     3 x H x W, floats in [0, 1], on the CPU) and a JSON-able dict with ``pl1``,
-    ``mask_l1``, ``found``, ``steps``, ``lambda``, ``cosine`` (of the best trigger)
-    and ``final_cosine``. When no step reached the threshold the last trigger
-    is returned, ``found`` is False and ``pl1`` is 1.0. ``trace``, when given,
-    receives ``(cos, |m|_1, lambda)`` of every step.
+    ``mask_l1`` (|m|_1 of the H x W mask), ``found``, ``steps``, ``lambda``,
+    ``cosine`` (of the best trigger) and ``final_cosine``. When no update reached
+    the threshold the last trigger is returned, ``found`` is False and ``pl1`` is
+    1.0. ``trace``, when given, receives ``(cos, |m|_1, lambda)`` of every update.
     """
     if len(images) < 2:
         raise ValueError("DECREE needs at least 2 clean images to invert a trigger")
@@ -118,7 +99,7 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
     model = frozen_copy(encoder).to(device)
     if cfg.inv_images and cfg.inv_images < len(images):
         images = images[torch.randperm(len(images), generator=ctx.generator)[:cfg.inv_images]]
-    h, w = images.shape[-2:]
+    channels, h, w = images.shape[-3:]
     raw_mask = _to_tanh_space(torch.rand(h, w, generator=ctx.generator)).to(device).requires_grad_(True)
     raw_pattern = _to_tanh_space(torch.rand(3, h, w, generator=ctx.generator)).to(device).requires_grad_(True)
     opt = torch.optim.Adam([raw_mask, raw_pattern], lr=cfg.inv_lr[0], betas=(0.5, 0.9))
@@ -129,6 +110,7 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
     best_l1, best_cos, best = math.inf, float("nan"), None
     last_best = math.inf
     cos_value = float("nan")
+    epoch_cos: list[float] = []  # cosines since the last early-stop test
     step = 0
     batches: list[torch.Tensor] = []
     with torch.enable_grad():
@@ -142,13 +124,15 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
             x = stamp(to_float(images[idx], device), mask, pattern)
             cos = offdiag_cosine(model.features(x))
             l1 = mask.sum()
-            loss = -cos + lam * l1
+            # the reference's L1 term sums the mask repeated over the image channels
+            loss = -cos + lam * channels * l1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
 
             cos_value, l1_value = cos.item(), l1.item()
+            epoch_cos.append(cos_value)
             success = abs(cos_value) > cfg.success_threshold
             if trace is not None:
                 trace.append((cos_value, l1_value, lam))
@@ -174,8 +158,12 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
                 if lam >= cfg.lambda_min:
                     lam /= cfg.lambda_factor
                 down = 0
-            if success and stale > cfg.early_stop_patience:
-                break
+            # early stop, tested at the end of each reference epoch on that epoch's mean cosine
+            if step % cfg.inv_epoch_steps == 0:
+                epoch_mean = sum(epoch_cos) / len(epoch_cos)
+                epoch_cos = []
+                if abs(epoch_mean) > cfg.success_threshold and stale > cfg.early_stop_patience:
+                    break
 
     found = best is not None
     if not found:
@@ -188,36 +176,53 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
     return best[0], best[1], info
 
 
-def unlearn_trigger(encoder: Encoder, images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
-                    cfg: DecreeConfig, ctx, desc: str = "decree unlearn") -> list[float]:
-    """Fine-tune ``encoder`` in place so stamped images embed like their clean originals did."""
+def record_inversion(info: dict, cfg: DecreeConfig, ctx, name: str = "decree") -> dict:
+    """Add the (recorded-only) verdict to ``info``, record every entry as ``decree_<key>`` and log it."""
+    info["verdict"] = "backdoored" if info["pl1"] < cfg.pl1_threshold else "clean"
+    for key, value in info.items():
+        ctx.record(f"decree_{key}", value)
+    ctx.logger.info("%s: PL1 %.4f (|m|_1 %.1f, found %s, %d steps) -> %s", name, info["pl1"], info["mask_l1"],
+                    info["found"], info["steps"], info["verdict"])
+    return info
+
+
+@torch.no_grad()
+def mean_cosine(model: Encoder, images: torch.Tensor, ctx, transform_a=None, transform_b=None,
+                other: Encoder | None = None, batch_size: int = 256) -> float:
+    """Mean over ``images`` of ``cos(model(a(x)), other(b(x)))`` (``other`` defaults to ``model``), eval mode."""
+    other = model if other is None else other
+    modes = {m: m.training for enc in (model, other) for m in enc.modules()}  # restored as they were (frozen BN)
+    model.eval(), other.eval()
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size], ctx.device)
+        a = transform_a(x) if transform_a else x
+        b = transform_b(x) if transform_b else x
+        total += F.cosine_similarity(model.features(a), other.features(b), dim=1).sum().item()
+    for module, training in modes.items():
+        module.training = training
+    return total / len(images)
+
+
+def fine_tune(encoder: Encoder, images: torch.Tensor, cfg, ctx, batch_loss: Callable, desc: str,
+              extra_params: list | None = None) -> list[float]:
+    """SGD on the backbone (every BatchNorm frozen) over the clean set; returns the mean loss per epoch.
+
+    ``batch_loss(model, reference, x)`` gives the loss of one batch of randomly flipped float images ``x``;
+    ``reference`` is a frozen copy of the encoder as it came in (f_0).
+    """
     device = ctx.device
     reference = frozen_copy(encoder).to(device)
     model = encoder.to(device).train()
     freeze_batchnorm(model)
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
-    if cfg.ntxent_weight:
-        params += [p for p in model.head.parameters() if p.requires_grad]
+    params = [p for p in model.backbone.parameters() if p.requires_grad] + list(extra_params or [])
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    mask, pattern = mask.to(device), pattern.to(device)
-    augment = SimCLRAugment()
     batch_size = min(cfg.batch_size, len(images))
     history = []
     for _ in ctx.progress(range(cfg.epochs), desc=desc, total=cfg.epochs):
         total, batches = 0.0, ctx.batches(len(images), batch_size)
         for idx in batches:
-            x = horizontal_flip(to_float(images[idx], device))
-            n_trig = max(1, round(cfg.trigger_fraction * len(x))) if cfg.trigger_fraction > 0 else 0
-            pick = torch.randperm(len(x), generator=ctx.generator)[:n_trig].to(device)
-            with torch.no_grad():
-                target = F.normalize(reference.features(x), dim=1)
-            feats = F.normalize(model.features(torch.cat([x, stamp(x[pick], mask, pattern)])), dim=1)
-            f_clean, f_trig = feats[:len(x)], feats[len(x):]
-            loss = -(f_clean * target).sum(1).mean()
-            if n_trig:
-                loss = loss - (f_trig * target[pick]).sum(1).mean()
-            if cfg.ntxent_weight:
-                loss = loss + cfg.ntxent_weight * contrastive_loss(model, x, augment, cfg.temperature)
+            loss = batch_loss(model, reference, horizontal_flip(to_float(images[idx], device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -226,27 +231,64 @@ def unlearn_trigger(encoder: Encoder, images: torch.Tensor, mask: torch.Tensor, 
     return history
 
 
-# tiny/ci: small, briefly trained encoders whose features collapse less than the paper's (BadEncoder's own
-# trigger reaches a mean pairwise cosine of only ~0.97-0.985 on the ci/tiny encoders), so a step succeeds
-# at 0.95; the shorter budgets need a longer early-stop patience to finish shrinking the mask.
-_SMALL_ENCODERS = {"success_threshold": 0.95, "early_stop_patience": 50}
+def trigger_pick(n: int, fraction: float, ctx) -> torch.Tensor:
+    """Indices of a random ``fraction`` of a batch of ``n`` (at least one when ``fraction`` > 0)."""
+    n_trig = max(1, round(fraction * n)) if fraction > 0 else 0
+    return torch.randperm(n, generator=ctx.generator)[:n_trig].to(ctx.device)
+
+
+def lower_trigger_similarity(encoder: Encoder, images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
+                             cfg: DecreeConfig, ctx, desc: str = "decree mitigate") -> list[float]:
+    """Fine-tune ``encoder`` in place to lower ``cos(f(x), f(x (+) t^))`` (the MIMIC paper's DECREE sentence),
+    plus ``utility_weight`` x ``-cos(f(x), f_0(x))``."""
+    if cfg.trigger_fraction <= 0:
+        raise ValueError("decree: trigger_fraction must be > 0 (the loss is on stamped images)")
+    mask, pattern = mask.to(ctx.device), pattern.to(ctx.device)
+
+    def batch_loss(model, reference, x):
+        pick = trigger_pick(len(x), cfg.trigger_fraction, ctx)
+        feats = F.normalize(model.features(torch.cat([x, stamp(x[pick], mask, pattern)])), dim=1)
+        f_clean, f_trig = feats[:len(x)], feats[len(x):]
+        loss = (f_clean[pick] * f_trig).sum(1).mean()
+        if cfg.utility_weight:
+            with torch.no_grad():
+                target = F.normalize(reference.features(x), dim=1)
+            loss = loss - cfg.utility_weight * (f_clean * target).sum(1).mean()
+        return loss
+
+    return fine_tune(encoder, images, cfg, ctx, batch_loss, desc)
+
+
+def trigger_similarity(encoder: Encoder, images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
+                       ctx) -> float:
+    """Mean ``cos(f(x), f(x (+) t^))`` over ``images`` (eval mode): what the ``decree`` mitigation lowers."""
+    mask, pattern = mask.to(ctx.device), pattern.to(ctx.device)
+    return mean_cosine(encoder.to(ctx.device), images, ctx, transform_b=lambda x: stamp(x, mask, pattern))
+
+
+# tiny/ci: the update budget is cut to 1/10 and 1/20 of the paper's 8,000 (100 and 50 reference epochs: both still
+# reach the schedule's last lr) and the batch to 64 and 32 (the cost of one update); nothing else changes.
+SCALED_PROFILES = {"tiny": {"inv_max_steps": 800, "inv_batch_size": 64, "epochs": 5},
+                   "ci": {"inv_max_steps": 400, "inv_batch_size": 32, "epochs": 2, "batch_size": 64}}
 
 
 @register_defense("decree", config=DecreeConfig,
-                  summary="invert the encoder's trigger (DECREE) and unlearn it by fine-tuning with frozen BN",
-                  profiles={"tiny": {**_SMALL_ENCODERS, "inv_max_steps": 300, "inv_batch_size": 64, "pl1_threshold": 0.055,
-                                     "epochs": 5},
-                            "ci": {**_SMALL_ENCODERS, "inv_max_steps": 200, "inv_batch_size": 32, "pl1_threshold": 0.09,
-                                   "epochs": 2, "batch_size": 64}})
+                  summary="invert the encoder's trigger (DECREE), then fine-tune to lower cos(f(x), f(x+t^)) "
+                          "with a clean-feature anchor (the MIMIC paper's DECREE)",
+                  profiles=SCALED_PROFILES, budget=("inv_max_steps", "epochs"))
 def decree(encoder, clean, cfg: DecreeConfig, ctx):
     mask, pattern, info = invert_trigger(encoder, clean.images, cfg, ctx)
-    info["verdict"] = "backdoored" if info["pl1"] < cfg.pl1_threshold else "clean"
-    for key, value in info.items():
-        ctx.record(f"decree_{key}", value)
-    ctx.logger.info("decree: PL1 %.4f (|m|_1 %.1f, found %s, %d steps) -> %s", info["pl1"], info["mask_l1"],
-                    info["found"], info["steps"], info["verdict"])
+    record_inversion(info, cfg, ctx)
     if cfg.epochs > 0:
-        ctx.record("decree_unlearn_loss", unlearn_trigger(encoder, clean.images, mask, pattern, cfg, ctx))
+        reference = frozen_copy(encoder).to(ctx.device)
+        ctx.record("decree_similarity_before", trigger_similarity(encoder, clean.images, mask, pattern, ctx))
+        ctx.record("decree_mitigation_loss",
+                   lower_trigger_similarity(encoder, clean.images, mask, pattern, cfg, ctx))
+        ctx.record("decree_similarity_after", trigger_similarity(encoder, clean.images, mask, pattern, ctx))
+        ctx.record("decree_clean_cosine", mean_cosine(encoder, clean.images, ctx, other=reference))
+        ctx.logger.info("decree: cos(f(x), f(x+t^)) %.3f -> %.3f, cos(f(x), f_0(x)) %.3f",
+                        ctx.records["decree_similarity_before"], ctx.records["decree_similarity_after"],
+                        ctx.records["decree_clean_cosine"])
     return encoder.eval()
 
 

@@ -1,41 +1,18 @@
 """FP — Fine-Pruning (Liu et al., RAID 2018), adapted to label-free encoders.
 
-Reference: rank the last convolutional stage's channels by their mean
-activation on clean data, prune (mask to zero) the least active ones, keep
-pruning until clean validation accuracy drops past a threshold (4% in the
-paper; the suites end up at ratios of 0.8-0.95), then fine-tune.
+Rank the channels of the last stage (layer4, i.e. the dimensions of the pooled
+feature) by mean activation on the clean images outside a hold-out; prune the
+least active ones in steps of ``ratio_step`` while the mean cosine between
+pruned and original features on the hold-out stays at or above
+``min_similarity`` (capped at ``max_ratio``; ``prune_by="ratio"`` prunes exactly
+``ratio``); then fine-tune with FT's recipe on the whole clean set. A channel is
+pruned in the stage's residual stream: weight and bias zero in every BatchNorm
+that writes into it (each block's ``bn2`` and the first block's downsample BN),
+kept zero during fine-tuning by a parametrisation that is removed afterwards,
+so the result is a plain :class:`Encoder` whose state_dict holds the zeros.
+Records: stage, ratio, pruned channels, mean activations, similarity curve.
 
-Encoder adaptation:
-
-- The channels are layer4's, i.e. the dimensions of the pooled representation
-  ``f`` (the feature is the spatial mean of layer4). A channel is pruned in the
-  stage's *residual stream*: every BatchNorm that writes into that stream
-  (``bn2`` of each block and the first block's ``downsample`` BN) gets weight
-  and bias zero for the channel, so block 0's output, block 1's output and the
-  feature dimension are exactly 0 in train and eval mode alike. Zeroing only
-  the last ``bn2`` would not do: the identity shortcut would carry block 0's
-  channel through. (Side effect, inherent to ResNets: block 0's channel is
-  also an input of block 1's convolution, so the pruned stream loses it there
-  too.)
-- During fine-tuning the zeros are enforced by a parametrisation
-  ``w = w_orig * keep`` on those BatchNorm weights and biases (no optimiser or
-  weight decay can revive them); it is removed afterwards with the masked
-  values left in place, so the returned encoder is a plain :class:`Encoder`
-  whose ``state_dict`` holds the zeros and loads with ``load_encoder``.
-- Stopping rule without labels (``prune_by="similarity"``, the default):
-  prune in steps of ``ratio_step`` and keep the largest ratio at which the
-  mean cosine between pruned and original features on held-out clean images
-  (``holdout_fraction`` of the clean set, not used for ranking) stays at or
-  above ``min_similarity``, capped at ``max_ratio``. ``prune_by="ratio"``
-  prunes exactly ``ratio`` instead. Nothing looks at labels, triggers or ASR.
-- Fine-tuning afterwards is FT's contrastive fine-tuning (same fields and
-  defaults as FT: SGD lr 0.01, momentum 0.9, wd 5e-4, cosine schedule, 100
-  epochs) on the whole clean set.
-
-Caution for reading results: pruning the representation removes feature
-dimensions that the downstream linear/MLP probe would use; at the original's
-high ratios (0.8-0.95) most of the representation is gone, so FP's clean
-accuracy cost is partly structural, not a failure of fine-tuning.
+Parity with the reference: docs/methods/fp.md
 """
 from __future__ import annotations
 
@@ -58,7 +35,7 @@ class FPConfig:
     prune_by: str = "similarity"  # "similarity" (label-free stopping rule) or "ratio" (fixed)
     ratio: float = 0.8             # pruned share of channels when prune_by == "ratio"
     max_ratio: float = 0.9         # cap for the similarity rule
-    ratio_step: float = 0.05
+    ratio_step: float = 0.01      # BackdoorBench's once_prune_ratio (the paper prunes one channel at a time)
     min_similarity: float = 0.9    # mean cos(pruned f(x), original f(x)) on held-out clean images
     holdout_fraction: float = 0.2
     stage: str = ""                # "": the encoder's last stage (layer4)
@@ -201,8 +178,8 @@ def _validate(cfg: FPConfig) -> None:
 
 @register_defense("fp", config=FPConfig,
                   summary="prune the least active layer4 channels (label-free stopping rule), then fine-tune",
-                  profiles={"tiny": {"epochs": 20, "batch_size": 128},
-                            "ci": {"epochs": 5, "batch_size": 128}})
+                  profiles={"tiny": {"epochs": 12, "batch_size": 128},   # FT's budget at each profile
+                            "ci": {"epochs": 5, "batch_size": 128}}, budget=("epochs",))
 def fp(encoder: Encoder, clean, cfg: FPConfig, ctx) -> Encoder:
     _validate(cfg)
     device = ctx.device

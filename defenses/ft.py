@@ -1,8 +1,10 @@
 """FT: continue SimCLR training of all weights on the defender's clean set.
 
-Same augmentations and NT-Xent loss as pre-training. Reference defaults (from
-the classifier suites): SGD lr 0.01, momentum 0.9, wd 5e-4, cosine schedule,
-100 epochs. Label-free as it stands; nothing to adapt.
+Same augmentations and NT-Xent loss as pre-training; SGD (momentum 0.9, wd 5e-4)
+at lr 0.01 with a cosine schedule, 100 epochs, batch 256. Label-free as it
+stands. ``fine_tune`` is reused by FP (its fine-tuning phase).
+
+Parity with the reference: docs/methods/ft.md
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def fine_tune(encoder, clean, cfg: FTConfig, ctx, desc: str = "ft"):
 
 
 @register_defense("ft", config=FTConfig, summary="fine-tune all weights with SimCLR on the clean set",
-                  profiles={"tiny": {"epochs": 12, "batch_size": 128}, "ci": {"epochs": 5, "batch_size": 128}})
+                  profiles={"tiny": {"epochs": 12, "batch_size": 128}, "ci": {"epochs": 5, "batch_size": 128}},
+                  budget=("epochs",))
 def ft(encoder, clean, cfg: FTConfig, ctx):
     return fine_tune(encoder, clean, cfg, ctx)

@@ -1,45 +1,28 @@
 """MEDIC (Xu et al., CVPR 2023): importance-driven cloning into a fresh model, adapted to encoders.
 
-The student is ``encoder.empty_like()`` (same architecture, random weights);
-the teacher is the suspect, frozen in eval mode and never modified. Per-channel
-teacher statistics mu, sigma of every hooked layer are pooled over
-``stat_batches`` batches of augmented clean views (exact mean and variance over
-all samples and positions; the reference's "exact" mode averages per-batch
-variances instead). Each step, for two SimCLR views of the batch:
+The student is ``encoder.empty_like()``; the teacher is the suspect, frozen in eval mode. Per-channel
+teacher statistics (mu, sigma) of every hooked site come from one pass over the augmented clean set
+(at most ``stat_batches`` batches; per-batch means and unbiased variances averaged with batch-size
+weights, the reference's "exact" mode). Each step, on two SimCLR views of the batch:
 
-- importance ``w = sqrt(softmax(T h^) * softmax(T g sigma))``, both softmaxes
-  over all C x H x W elements of a sample, ``h^ = (h_t - mu) / sigma`` and g
-  the gradient of the teacher's loss w.r.t. the teacher activation ``h_t``;
-- clone loss ``sum_layers mean_b sum w * ((h_t - h_s) / sigma)^2``;
-- total ``NT-Xent(student) + clone_weight * clone + feature_weight *
-  (1 - cos(f_s, f_t))`` on the backbone features.
+- importance ``w = sqrt(softmax(T h^) * softmax(T g sigma))`` over each sample's C x H x W elements,
+  ``h^ = (h - mu) / (sigma + 1e-5)``, g = gradient of the teacher's own loss (NT-Xent, batch mean)
+  w.r.t. the compared teacher value;
+- clone ``sum_sites mean_b sum w * ((v_t - v_s) / sigma)^2``;
+- total ``NT-Xent(student) + clone_weight * clone + feature_weight * (1 - cos(f_s, f_t))``.
 
-Encoder adaptation: the task loss is the student's own NT-Xent on the two
-views; the teacher's loss (for g) is the teacher's NT-Xent on the same views
-(``teacher_loss="cosine"``: ``1 - cos`` between the two views' features
-instead). The teacher loss is summed over samples rather than averaged, so g
-is each sample's own gradient scale and does not shrink with the batch size
-(with a batch mean, ``T g sigma`` is ~1e-4 and its softmax is uniform, as
-happens in the reference). The final-feature cosine term is the encoder
-adaptation the spec asks for (a classifier's logits have no counterpart).
+Sites (``layers``): ``conv+bn`` (default) the main-path Conv2d and BatchNorm2d outputs of the
+backbone (shortcut convs/BNs excluded, as in the reference). With ``bn_after_relu`` a BN output that
+feeds a ReLU is compared (v, g) after that ReLU while h^, mu, sigma stay on the BN output.
+Adam, cosine annealing stepped once per epoch; batches keep the last partial batch.
 
-Layers (``layers``): ``"conv"`` (default, the reference's ``--hook-plane
-conv``) hooks the output of every Conv2d of the backbone (20 in ResNet-18,
-conv1 + 16 block convs + 3 shortcut convs); ``"bn"`` every BatchNorm2d output
-instead (the same positions after the affine normalisation); ``"stages"`` only
-layer1..layer4 from the encoder's ``stages()`` (4 tensors, a cheaper variant
-that skips the importance weighting inside the blocks). Forward hooks are
-registered once per model, collect only inside a ``capture()`` block, and are
-removed before returning.
-
-Reference defaults: lambda (``clone_weight``) 10, T 5, Adam lr 0.01 with
-weight decay 1e-4 and a cosine schedule, 60 epochs, batch 64, statistics from
-~100 batches, 5% clean data. ``tiny``/``ci`` cut the epochs and statistic
-batches.
+Parity with the reference: docs/methods/medic.md
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +31,12 @@ from torch import nn
 
 from ..encoders import Encoder, frozen_copy, to_float
 from ..encoders.augment import SimCLRAugment
+from ..encoders.resnet import BasicBlock, ResNet18Backbone
 from ..encoders.simclr import nt_xent
 from .base import register_defense
 
-LAYER_CHOICES = ("conv", "bn", "stages")
+LAYER_CHOICES = ("conv+bn", "conv", "bn", "stages")
+EPS = 1e-5  # the reference's Norm eps: h^ = (h - mu) / (sigma + eps); also the floor of the sigma divisor
 
 
 @dataclass
@@ -60,35 +45,83 @@ class MedicConfig:
     batch_size: int = 64
     lr: float = 0.01
     weight_decay: float = 1e-4
-    cosine: bool = True
-    clone_weight: float = 10.0  # lambda
-    importance_temperature: float = 5.0  # T
-    feature_weight: float = 1.0
+    cosine: bool = True  # CosineAnnealingLR over `epochs`, stepped per epoch (reference --converge)
+    clone_weight: float = 10.0  # lambda (--hookweight)
+    importance_temperature: float = 5.0  # T (--imp_temp)
+    feature_weight: float = 1.0  # encoder adaptation: 1 - cos(f_s, f_t)
     temperature: float = 0.5  # NT-Xent
-    stat_batches: int = 100
-    layers: str = "conv"  # conv | bn | stages
+    stat_batches: int = 101  # one pass over the clean set, at most this many batches (reference: idx > 100)
+    layers: str = "conv+bn"  # conv+bn (reference README) | conv (reference argparse default) | bn | stages
+    bn_after_relu: bool = True  # compare BN->ReLU sites after the ReLU (the reference's in-place ReLU)
     teacher_loss: str = "ntxent"  # ntxent | cosine
+    teacher_reduction: str = "mean"  # mean over samples (reference) | sum (per-sample gradient scale)
+
+    def validate(self) -> None:
+        if self.layers not in LAYER_CHOICES:
+            raise ValueError(f"unknown MEDIC layers {self.layers!r}; use one of {', '.join(LAYER_CHOICES)}")
+        if self.teacher_loss not in ("ntxent", "cosine"):
+            raise ValueError(f"unknown MEDIC teacher_loss {self.teacher_loss!r}; use ntxent or cosine")
+        if self.teacher_reduction not in ("mean", "sum"):
+            raise ValueError(f"unknown MEDIC teacher_reduction {self.teacher_reduction!r}; use mean or sum")
+
+
+# ----------------------------------------------------------------- hook sites
+
+def _relu_consumers(backbone: nn.Module) -> dict[nn.Module, nn.Module]:
+    """BatchNorm -> the module whose input is ReLU(that BN's output), for the ResNet-18 here:
+    the stem BN feeds ``layer1[0]``, a block's bn1 feeds its conv2 (bn2 is added to the shortcut first)."""
+    if not isinstance(backbone, ResNet18Backbone):
+        return {}
+    consumers = {backbone.bn1: getattr(backbone, backbone.stage_names[0])[0]}
+    for block in backbone.modules():
+        if isinstance(block, BasicBlock):
+            consumers[block.bn1] = block.conv2
+    return consumers
+
+
+def hook_sites(encoder: Encoder, layers: str, bn_after_relu: bool = True) -> list[tuple[nn.Module, nn.Module | None]]:
+    """(module whose output gives h and the statistics, module whose *input* is the compared value or None)
+    for every hooked site, in forward order; shortcut (``downsample``) convs and BNs are not hooked."""
+    kinds = {"conv+bn": (nn.Conv2d, nn.modules.batchnorm._BatchNorm), "conv": (nn.Conv2d,),
+             "bn": (nn.modules.batchnorm._BatchNorm,)}[layers]
+    consumers = _relu_consumers(encoder.backbone) if bn_after_relu else {}
+    return [(m, consumers.get(m)) for name, m in encoder.backbone.named_modules()
+            if isinstance(m, kinds) and "downsample" not in name.split(".")]
 
 
 class ActivationTap:
-    """Forward hooks registered once; outputs are kept only inside ``capture()``."""
+    """Forward hooks registered once; tensors are kept only inside ``capture()``."""
 
-    def __init__(self, modules: list[nn.Module]):
-        self.outputs: list[torch.Tensor] = []
+    def __init__(self, sites: list[tuple[nn.Module, nn.Module | None]]):
+        self.n = len(sites)
         self.active = False
-        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+        self.stat: list[torch.Tensor | None] = [None] * self.n
+        self.value: list[torch.Tensor | None] = [None] * self.n
+        self.handles = []
+        for i, (module, consumer) in enumerate(sites):
+            self.handles.append(module.register_forward_hook(functools.partial(self._keep_output, i)))
+            if consumer is not None:
+                self.handles.append(consumer.register_forward_pre_hook(functools.partial(self._keep_input, i)))
 
-    def _hook(self, module, inputs, output):
+    def _keep_output(self, i, module, inputs, output):
         if self.active:
-            self.outputs.append(output)
+            self.stat[i] = output
+
+    def _keep_input(self, i, module, inputs):
+        if self.active:
+            self.value[i] = inputs[0]
 
     @contextlib.contextmanager
     def capture(self):
-        self.outputs, self.active = [], True
+        self.stat, self.value, self.active = [None] * self.n, [None] * self.n, True
         try:
-            yield self.outputs
+            yield self
         finally:
             self.active = False
+
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(statistics tensors h, compared values v); v is h where the site has no consumer."""
+        return list(self.stat), [v if v is not None else h for h, v in zip(self.stat, self.value)]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -96,87 +129,98 @@ class ActivationTap:
         self.handles = []
 
 
-def _hooked_modules(encoder: Encoder, layers: str) -> list[nn.Module]:
-    kind = {"conv": nn.Conv2d, "bn": nn.modules.batchnorm._BatchNorm}[layers]
-    return [m for m in encoder.backbone.modules() if isinstance(m, kind)]
-
-
 def activations(encoder: Encoder, x: torch.Tensor, layers: str, tap: ActivationTap | None):
-    """(hooked outputs, backbone feature) from one forward pass."""
+    """(h per site, v per site, backbone feature) from one forward pass."""
     if layers == "stages":
         out = encoder.stages(x)
-        return [out[name] for name in encoder.stage_names], out["feature"]
-    with tap.capture() as outputs:
+        acts = [out[name] for name in encoder.stage_names]
+        return acts, acts, out["feature"]
+    with tap.capture():
         feature = encoder.features(x)
-    return list(outputs), feature
+    stat, value = tap.tensors()
+    return stat, value, feature
 
+
+# ----------------------------------------------------------------- statistics, importance, loss
 
 @torch.no_grad()
 def teacher_statistics(teacher: Encoder, images: torch.Tensor, cfg: MedicConfig, ctx, tap, augment):
-    """Per-channel (mu, sigma) of every hooked layer, pooled over ``stat_batches`` batches."""
-    sums = sq = count = None
-    batch_size = min(cfg.batch_size, len(images))
-    done = 0
-    while done < cfg.stat_batches:
-        for idx in ctx.batches(len(images), batch_size):
-            acts, _ = activations(teacher, augment(to_float(images[idx], ctx.device)), cfg.layers, tap)
-            dims = [(0, 2, 3) if a.ndim == 4 else (0,) for a in acts]
-            if sums is None:
-                sums = [torch.zeros(a.shape[1], dtype=torch.float64, device=a.device) for a in acts]
-                sq = [torch.zeros_like(s) for s in sums]
-                count = [0] * len(acts)
-            for i, (a, d) in enumerate(zip(acts, dims)):
-                a = a.double()
-                sums[i] += a.sum(d)
-                sq[i] += a.pow(2).sum(d)
-                count[i] += a.numel() // a.shape[1]
-            done += 1
-            if done >= cfg.stat_batches:
-                break
-    stats = []
-    for s, q, n in zip(sums, sq, count):
-        mu = s / n
-        sigma = (q / n - mu.pow(2)).clamp_min(0).sqrt().clamp_min(1e-5)
-        shape = (1, -1, 1, 1)
-        stats.append((mu.float().view(shape), sigma.float().view(shape)))
-    return stats
+    """Per-channel (mu, sigma) of every site's h over one pass of augmented clean batches (at most
+    ``stat_batches``): batch means and unbiased batch variances, averaged with batch-size weights."""
+    means = variances = None
+    count = 0
+    batches = ctx.batches(len(images), min(cfg.batch_size, len(images)), drop_last=False)
+    for idx in batches[:max(1, cfg.stat_batches)]:
+        stat, _, _ = activations(teacher, augment(to_float(images[idx], ctx.device)), cfg.layers, tap)
+        if means is None:
+            means = [torch.zeros(a.shape[1], dtype=torch.float64, device=a.device) for a in stat]
+            variances = [torch.zeros_like(m) for m in means]
+        for i, a in enumerate(stat):
+            dims = (0, 2, 3) if a.ndim == 4 else (0,)
+            a = a.double()
+            means[i] += a.mean(dims) * len(idx)
+            variances[i] += a.var(dims, unbiased=True) * len(idx)
+        count += len(idx)
+    shape = (1, -1, 1, 1)
+    return [((m / count).float().view(shape), (v / count).sqrt().float().view(shape))
+            for m, v in zip(means, variances)]
 
 
-def importance(h_t: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, T: float) -> torch.Tensor:
-    """``sqrt(softmax(T h^) * softmax(T g sigma))`` over each sample's C x H x W elements."""
+def _softmax_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of H(p) / log(N) for B x N distributions (1 = uniform)."""
+    return -(p * p.clamp_min(1e-30).log()).sum(1).mean() / math.log(p.shape[1])
+
+
+def importance(h_t: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, T: float,
+               with_entropy: bool = False):
+    """``sqrt(softmax(T h^) * softmax(T g sigma))`` over each sample's C x H x W elements
+    (with ``with_entropy``: also the normalised entropies of the two softmaxes)."""
     b = h_t.shape[0]
-    a = F.softmax(T * ((h_t - mu) / sigma).reshape(b, -1), dim=1)
+    a = F.softmax(T * ((h_t - mu) / (sigma + EPS)).reshape(b, -1), dim=1)
     c = F.softmax(T * (g * sigma).reshape(b, -1), dim=1)
-    return (a * c).sqrt().reshape(h_t.shape)
+    w = (a * c).sqrt().reshape(h_t.shape)
+    if with_entropy:
+        return w, (_softmax_entropy(a), _softmax_entropy(c))
+    return w
 
 
-def _teacher_loss(teacher: Encoder, feature: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    n = feature.shape[0]  # summed over samples (see the module docstring)
-    if kind == "ntxent":
-        return nt_xent(*teacher.head(feature).chunk(2), temperature=temperature) * n
-    if kind == "cosine":
+def teacher_loss(teacher: Encoder, feature: torch.Tensor, cfg: MedicConfig) -> torch.Tensor:
+    """The teacher's own loss on the 2B views, averaged (reference) or summed over samples."""
+    if cfg.teacher_loss == "ntxent":
+        per_mean = nt_xent(*teacher.head(feature).chunk(2), temperature=cfg.temperature)
+    elif cfg.teacher_loss == "cosine":
         f1, f2 = feature.chunk(2)
-        return (1 - F.cosine_similarity(f1, f2, dim=1)).sum() * 2
-    raise ValueError(f"unknown MEDIC teacher_loss {kind!r}; use ntxent or cosine")
+        per_mean = (1 - F.cosine_similarity(f1, f2, dim=1)).mean()
+    else:
+        raise ValueError(f"unknown MEDIC teacher_loss {cfg.teacher_loss!r}; use ntxent or cosine")
+    return per_mean * feature.shape[0] if cfg.teacher_reduction == "sum" else per_mean
 
 
-def medic_step_losses(student, teacher, views, stats, cfg: MedicConfig, taps):
-    """(total, nt-xent, clone, feature) for one batch of stacked views (2B images)."""
-    # teacher: activations with gradients of its own loss, no parameter gradients
+def medic_step_losses(student, teacher, views, stats, cfg: MedicConfig, taps, entropies: list | None = None):
+    """(total, nt-xent, clone, feature) for one batch of stacked views (2B images). With a list
+    ``entropies``, appends (activation, gradient) softmax entropies averaged over the sites."""
+    # teacher: values with gradients of its own loss, no parameter gradients
     x_t = views.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        acts_t, feat_t = activations(teacher, x_t, cfg.layers, taps[0])
-        grads = torch.autograd.grad(_teacher_loss(teacher, feat_t, cfg.teacher_loss, cfg.temperature), acts_t)
-    acts_t = [a.detach() for a in acts_t]
+        stat_t, value_t, feat_t = activations(teacher, x_t, cfg.layers, taps[0])
+        grads = torch.autograd.grad(teacher_loss(teacher, feat_t, cfg), value_t)
+    stat_t = [h.detach() for h in stat_t]
+    value_t = [v.detach() for v in value_t]
     feat_t = feat_t.detach()
     with torch.no_grad():
-        weights = [importance(h, g, mu, sigma, cfg.importance_temperature)
-                   for h, g, (mu, sigma) in zip(acts_t, grads, stats)]
+        out = [importance(h, g, mu, sigma, cfg.importance_temperature, with_entropy=entropies is not None)
+               for h, g, (mu, sigma) in zip(stat_t, grads, stats)]
+    if entropies is not None:
+        weights = [w for w, _ in out]
+        ent = torch.tensor([[float(e) for e in pair] for _, pair in out])
+        entropies.append(ent.mean(0).tolist())
+    else:
+        weights = out
     # student
-    acts_s, feat_s = activations(student, views, cfg.layers, taps[1])
+    _, value_s, feat_s = activations(student, views, cfg.layers, taps[1])
     task = nt_xent(*student.head(feat_s).chunk(2), temperature=cfg.temperature)
-    clone = sum((w * ((h_t - h_s) / sigma).pow(2)).flatten(1).sum(1).mean()
-                for w, h_t, h_s, (_, sigma) in zip(weights, acts_t, acts_s, stats))
+    clone = sum((w * ((v_t - v_s) / sigma.clamp_min(EPS)).pow(2)).flatten(1).sum(1).mean()
+                for w, v_t, v_s, (_, sigma) in zip(weights, value_t, value_s, stats))
     feature = (1 - F.cosine_similarity(feat_s, feat_t, dim=1)).mean()
     total = task + cfg.clone_weight * clone + cfg.feature_weight * feature
     return total, task, clone, feature
@@ -184,42 +228,45 @@ def medic_step_losses(student, teacher, views, stats, cfg: MedicConfig, taps):
 
 @register_defense("medic", config=MedicConfig,
                   summary="clone the suspect into a random-init student, weighting layers by importance (MEDIC)",
-                  profiles={"tiny": {"epochs": 12, "stat_batches": 10},
-                            "ci": {"epochs": 3, "stat_batches": 3}})
+                  profiles={"tiny": {"epochs": 12}, "ci": {"epochs": 3}}, budget=("epochs",))
 def medic(encoder, clean, cfg: MedicConfig, ctx):
-    if cfg.layers not in LAYER_CHOICES:
-        raise ValueError(f"unknown MEDIC layers {cfg.layers!r}; use one of {', '.join(LAYER_CHOICES)}")
+    cfg.validate()
     device = ctx.device
     teacher = frozen_copy(encoder).to(device)
     student = encoder.empty_like().to(device).train()
     taps = (None, None) if cfg.layers == "stages" else \
-        (ActivationTap(_hooked_modules(teacher, cfg.layers)), ActivationTap(_hooked_modules(student, cfg.layers)))
+        tuple(ActivationTap(hook_sites(m, cfg.layers, cfg.bn_after_relu)) for m in (teacher, student))
     augment = SimCLRAugment()
     images = clean.images
     batch_size = min(cfg.batch_size, len(images))
     try:
         stats = teacher_statistics(teacher, images, cfg, ctx, taps[0], augment)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = cfg.epochs * max(1, len(images) // batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if cfg.cosine else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs)) if cfg.cosine else None
         history = {"loss": [], "ntxent": [], "clone": [], "feature": []}
+        entropy = {"activation": [], "gradient": []}
         for _ in ctx.progress(range(cfg.epochs), desc="medic", total=cfg.epochs):
             totals = torch.zeros(4)
-            batches = ctx.batches(len(images), batch_size)
-            for idx in batches:
+            batches = ctx.batches(len(images), batch_size, drop_last=False)
+            for i, idx in enumerate(batches):
                 x = to_float(images[idx], device)
                 views = torch.cat([augment(x), augment(x)])
-                losses = medic_step_losses(student, teacher, views, stats, cfg, taps)
+                ent = [] if i == 0 else None  # softmax entropies on the first batch of each epoch
+                losses = medic_step_losses(student, teacher, views, stats, cfg, taps, ent)
                 opt.zero_grad(set_to_none=True)
                 losses[0].backward()
                 opt.step()
-                if sched is not None:
-                    sched.step()
                 totals += torch.tensor([v.item() for v in losses])
+                if ent:
+                    entropy["activation"].append(ent[0][0])
+                    entropy["gradient"].append(ent[0][1])
+            if sched is not None:
+                sched.step()
             for key, value in zip(history, (totals / max(1, len(batches))).tolist()):
                 history[key].append(value)
         ctx.record("medic_layers", cfg.layers)
         ctx.record("medic_n_hooked", len(stats))
+        ctx.record("medic_importance_entropy", entropy)
         for key, values in history.items():
             ctx.record(f"medic_{key}", values)
     finally:

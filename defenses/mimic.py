@@ -1,106 +1,23 @@
 """MIMIC (the seed paper): mutual-information-guided distillation into a fresh student.
 
-Three steps, on the defender's clean set only:
+On the defender's clean set only:
 
-1. **Benign-knowledge localisation.** For each stage ``l`` (layer1..layer4) a
-   MINE statistics network (``defenses/mutual_information.py``) estimates the
-   Donsker-Varadhan lower bound of ``I(f_l(x); f(x))`` between the stage
-   output and the final (L2-normalised) feature, over the clean images under
-   the test transform. ``MI_l`` = mean of the last ``mi_last`` epochs'
-   estimates, negative/NaN -> 0.
-2. **Weight scheduler**, once before distillation:
-   ``beta_l = alpha0 + alpha1 * MI_l / sum_k MI_k`` (if every ``MI_l`` is 0 the
-   shares are uniform, ``1/L``).
-3. **Distillation** into ``encoder.empty_like()`` (same architecture, random
-   init, same device), the suspect encoder as frozen teacher (eval mode,
-   ``requires_grad`` off, forward under ``torch.no_grad``):
-   ``L = lambda0*L0 + lambda1*L1 + lambda2*sum_l beta_l*AT_l`` with
-   ``L0 = -mean cos(f_S(v1), f_T(v1))`` (clone),
-   ``L1 = NT-Xent(g_S(v1), g_S(v2))`` (temperature 0.5) and
-   ``AT_l`` = NAD's attention loss (p = 2) between student and teacher stage
-   outputs (``defenses/losses.py``).
+1. for each stage l (layer1..layer4) a MINE statistics network (``defenses/mutual_information.py``) estimates the
+   Donsker-Varadhan bound of ``I(f_l(x); f(x))`` (stage output vs L2-normalised feature, test
+   transform) on the teacher (``mi_source="student"``: the random student, as the authors' code);
+   ``MI_l`` = mean of the last ``mi_last`` epochs, negative/NaN -> 0;
+2. ``beta_l = alpha0 + alpha1 * MI_l / sum_k MI_k`` once (uniform shares if every MI is 0;
+   ``use_mi=False``: ``alpha0 + alpha1 / L``);
+3. distillation into ``encoder.empty_like()`` with the suspect frozen as teacher (eval, no grad):
+   ``lambda0*L0 + lambda1*L1 + lambda2*sum_l beta_l*AT_l``, ``L0 = -mean cos(f_S(v1), f_T(v1))``,
+   ``L1 = NT-Xent(g_S(v1), g_S(v2))``, ``AT_l`` the attention loss of ``defenses/losses.py`` in the
+   form ``attention_form`` ("code": the authors' MSE, default; "eq6": the paper's Eq. 6).
+   Both student views go through one forward pass; the teacher runs once on ``v1``
+   (``distill_input="clean"``: on the un-augmented image).
 
-Reference defaults (the dataclass defaults): MINE per layer MLP 512-512-1 on
-the concatenation of the *flattened* stage output and the 512-d feature, Adam
-lr 1e-3, wd 1e-5, batch 128, 200 epochs, mean of the last 10; alpha0 = 1000,
-alpha1 = 10000; lambda0 = lambda1 = lambda2 = 1 (the authors' code adds the
-contrastive loss, the clone loss x1 and the beta-weighted attention losses
-unscaled); distillation Adam lr 1e-2 (the authors' README command; their
-argparse default is 1e-3: pass ``lr=1e-3`` for that), wd 1e-6, batch 128,
-1000 epochs, no schedule.
+Records ``mi``, ``mi_raw``, ``beta``, ``loss_history`` (per epoch [L0, L1, L2]) and ``seconds``.
 
-**Which encoder the MI is measured on.** The paper estimates the MI on the
-suspect teacher (``mi_source="teacher"``, the default here). The authors'
-released code calls the estimator on the randomly initialised student before
-distillation; ``mi_source="student"`` reproduces that.
-
-**Adaptation / choices made here.**
-
-- *Inputs of the clone and attention terms*: the first augmented view ``v1``,
-  as in the authors' code (``distill_input="view"``). The student's two views
-  go through one concatenated forward pass and the teacher runs once on
-  ``v1``, so a step costs exactly the unavoidable work (student forward +
-  backward on both views, one teacher forward without gradients).
-  ``distill_input="clean"`` uses the un-augmented image instead (teacher on
-  ``x``; the student then runs on ``[x, v1, v2]``, 1.5x its work).
-- *Faster MI variants*: the cost of MINE is dominated by T's first layer
-  (flattened input x hidden). ``mi_hidden`` narrows T (the tiny/ci profiles
-  use 128 on the flattened input, ~5x cheaper than 512); ``mi_pool = k > 0``
-  average-pools each stage output to ``k x k`` before flattening (layer1 of
-  the paper's encoder: 65,536 -> 64*k*k inputs). Measured on the BadEncoder
-  teachers (100 MINE epochs): the flattened reference gives MI rising with
-  depth -- tiny (1,000 images) 0.66 < 0.67 < 1.09 < 1.63, ci (400 images,
-  2 seeds) 0.04-0.08 < 0.28-0.36 < 0.52-0.59 ~ 0.53-0.68; hidden 128 keeps
-  that order (tiny 0.62 < 0.93 < 1.53 < 1.78, ~5x cheaper); pooling to 4x4
-  *reverses* it (tiny 2.58 > 2.26 > 2.14 > 1.63; 8x8 likewise on ci), so
-  ``mi_pool`` is offered but is not a default anywhere. The estimates are
-  estimator-limited (the true I(f_l; f) cannot fall with depth, and pooling
-  can only lower it), so the variant changes beta; between seeds the tiny
-  estimates move by about +-0.25.
-- *Uniform ablation* (``use_mi=False``): ``beta_l = alpha0 + alpha1 / L`` --
-  the same total weight as the MI schedule, spread evenly, so the ablation
-  changes only where the attention weight goes. No MI is estimated.
-- Stage outputs are extracted once for the whole clean set (one forward pass
-  per batch gives every stage); MINE then trains on the cached tensors.
-
-**Scale of the terms and the tiny/ci profiles.** ``AT_l`` is a mean over the
-H*W positions of unit-norm maps, so layer4 (4x4) contributes far more per unit
-of beta than layer1 (32x32); with beta in the thousands the weighted attention
-sum starts near 70-150 against ~5.4 for NT-Xent and ~-0.7 for the clone term,
-and it dominates the gradient for the whole of a short run (tiny, 280 steps:
-L2 73 -> 8, L1 5.4 -> 4.4, L0 -0.69 -> -0.71). The paper runs ~16,000 steps,
-long enough for the attention term to shrink. The profiles keep the paper's
-loss weights and only shorten the run: tiny 40 epochs (~280 steps on 1,000
-images), MINE 50 epochs with ``mi_hidden=128``; ci 4 epochs, MINE 10 epochs.
-Both use Adam lr 1e-3, chosen by a label-free criterion: at these budgets it
-ends with a lower distillation objective on the clean set than 1e-2 (tiny:
-L0+L1+L2 11.4 vs 12.5; ci: every term lower).
-
-**What the short run does not explain.** At tiny scale on the embedded data
-MIMIC keeps much of a BadEncoder backdoor, and a longer run keeps more of it,
-not less: distilling the tiny BadEncoder (STL-10-like target) with the tiny
-settings and probing the student every 40 epochs gave ASR 77.6% after 40 and
-96.9% after 80 epochs (ACC 70.5 / 70.7; a one-off experiment, not a stage).
-The student converges towards the teacher, trigger response included; the
-tiny budget is a cost choice, not what stands between this code and the
-paper's numbers.
-
-**Deviations from the authors' code** (none changes the method):
-
-- every stage output of a network comes from one forward pass (the reference
-  runs the student three times per step and registers new hooks per batch);
-- the two student views share one forward pass, so the student's BatchNorm
-  statistics are over 2B images (the reference: B per view) -- as in this
-  project's SimCLR;
-- MINE: logsumexp instead of ``log(mean(exp))``, shuffled batch order, the
-  clip to 0 on the final estimate rather than per batch (``defenses/mutual_information.py``);
-- the MI estimation runs in a forked RNG, so the student's initialisation and
-  the distillation's augmentations are the same with or without it (the
-  ablation variants differ only by beta).
-
-Records: ``mi`` and ``beta`` ({layer: value}), ``mi_raw`` (before clipping),
-``loss_history`` (per epoch ``[L0, L1, L2]``, unweighted L0/L1 and the
-beta-weighted attention sum), ``seconds`` (MI estimation and distillation).
+Parity with the reference: docs/methods/mimic.md
 """
 from __future__ import annotations
 
@@ -115,7 +32,7 @@ import torch.nn.functional as F
 from ..encoders import Encoder, RunContext, frozen_copy, to_float
 from ..encoders.augment import SimCLRAugment
 from .base import CleanData, Measurement, register_defense, register_measurement
-from .losses import attention_loss, nt_xent
+from .losses import ATTENTION_FORMS, attention_loss, nt_xent
 from .mutual_information import MINEConfig, estimate_mi, mine_input
 
 
@@ -131,6 +48,7 @@ class MIMICConfig:
     lambda1: float = 1.0  # contrastive (L1)
     lambda2: float = 1.0  # attention (L2), multiplies the beta-weighted sum
     p: float = 2.0  # attention-map exponent
+    attention_form: str = "code"  # "code": MSE of the normalised maps (authors' AT); "eq6": the paper's L2 norm
     distill_input: str = "view"  # "view": L0/L2 on the first augmented view (authors' code); "clean": un-augmented
     # ablation switches (the paper's Figure 8)
     use_clone: bool = True
@@ -158,6 +76,8 @@ class MIMICConfig:
             raise ValueError(f"mimic.mi_source must be 'teacher' or 'student', got {self.mi_source!r}")
         if not (self.use_clone or self.use_contrastive or self.use_attention):
             raise ValueError("mimic: every loss term is switched off (use_clone/use_contrastive/use_attention)")
+        if self.attention_form not in ATTENTION_FORMS:
+            raise ValueError(f"mimic.attention_form must be one of {ATTENTION_FORMS}, got {self.attention_form!r}")
         if self.mi_pool < 0:
             raise ValueError("mimic.mi_pool must be >= 0 (0: flattened stage output)")
 
@@ -255,7 +175,7 @@ def mimic_loss(student: Encoder, teacher: Encoder, v1: torch.Tensor, v2: torch.T
         if cfg.use_attention:
             l2 = v1.new_zeros(())
             for name, weight in beta.items():
-                at = attention_loss(s[name][d], t[name], cfg.p)
+                at = attention_loss(s[name][d], t[name], cfg.p, cfg.attention_form)
                 l2 = l2 + weight * at
                 parts[f"at_{name}"] = at.detach()
             total = total + cfg.lambda2 * l2
@@ -300,7 +220,8 @@ def distill(student: Encoder, teacher: Encoder, images: torch.Tensor, beta: dict
     "mimic", config=MIMICConfig,
     summary="MI-guided distillation of the suspect encoder into a fresh student (clone + NT-Xent + attention)",
     profiles={"tiny": {"epochs": 40, "lr": 1e-3, "mi_epochs": 50, "mi_hidden": 128},
-              "ci": {"epochs": 4, "lr": 1e-3, "mi_epochs": 10, "mi_hidden": 128}})
+              "ci": {"epochs": 4, "lr": 1e-3, "mi_epochs": 10, "mi_hidden": 128}},
+    budget=("epochs",))
 def mimic(encoder: Encoder, clean: CleanData, cfg: MIMICConfig, ctx: RunContext) -> Encoder:
     cfg.validate()
     encoder = encoder.to(ctx.device)

@@ -294,7 +294,8 @@ def moth_harden(encoder: Encoder, images: torch.Tensor, cfg: MothConfig, ctx):
                   profiles={"tiny": {"warmup_inv_steps": 40, "inv_steps": 30, "reuse_inv_steps": 10,
                                      "epochs": 6, "lr": 0.01, "portion": 0.5},
                             "ci": {"clusters": 5, "warmup_inv_steps": 15, "inv_steps": 10, "reuse_inv_steps": 5,
-                                   "inv_batch_size": 16, "epochs": 3, "batch_size": 64, "lr": 0.01, "portion": 0.5}})
+                                   "inv_batch_size": 16, "epochs": 3, "batch_size": 64, "lr": 0.01, "portion": 0.5}},
+                  budget=("epochs",))
 def moth(encoder, clean, cfg: MothConfig, ctx):
     encoder, triggers, stats = moth_harden(encoder, clean.images, cfg, ctx)
     for key, value in stats.items():

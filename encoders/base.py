@@ -31,6 +31,7 @@ from ..core import ConfigError, Registry
 from .resnet import STAGE_NAMES, ResNet18Backbone, projection_head
 from .tvresnet import DEPTHS as TORCHVISION_DEPTHS, TorchvisionResNet
 
+PRECISIONS = ("fp32", "bf16")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
@@ -45,9 +46,12 @@ class EncoderConfig:
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     channels_last: bool = False
+    precision: str = "fp32"  # "fp32", or "bf16": the backbone runs under autocast (weights and outputs stay fp32)
 
     def __post_init__(self):
         ARCHITECTURES.get(self.arch)  # an unknown architecture fails here, with the known names
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"encoder.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("width", "image_size", "proj_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"encoder.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -124,6 +128,10 @@ class Encoder(nn.Module):
         return x
 
     def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.config.precision == "bf16":  # mixed precision inside the backbone only; fp32 at its boundary
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                out = self.backbone.forward_stages(self._prepare(x))
+            return {name: value.float() for name, value in out.items()}
         return self.backbone.forward_stages(self._prepare(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

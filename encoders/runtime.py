@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core import UserError
+
 T = TypeVar("T")
 log = logging.getLogger("defbench")
 
@@ -26,10 +28,18 @@ def pick_device(requested: str | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} requested but CUDA is not available here; use --device cpu")
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {requested!r} requested but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device {requested!r} requested but MPS is not available here; use --device cpu")
     return device
 
 

@@ -29,7 +29,7 @@ import seaborn as sns  # noqa: E402
 
 from .tables import ASR_COLUMNS, ASR_NOTE, ReportError  # noqa: E402,F401  (ASR_NOTE: for the page header)
 
-MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack"]
+MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack", "seed"]
 ACC_COLOUR, ASR_COLOUR, REF_COLOUR = "#1f77b4", "#d62728", "0.35"
 
 
@@ -45,13 +45,14 @@ class StudyReport:
 
 # ----------------------------------------------------------------- reading
 
-def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seed: int) -> pd.DataFrame:
-    """The newest row for every expected (arm, role, defense, task, attack, overrides) whose stage key is the
+def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seeds: list[int]) -> pd.DataFrame:
+    """The newest row for every expected (arm, role, defense, task, attack, seed) whose stage key is the
     one today's code and settings give it (a row of an older code version is stale); all must be there."""
     want = pd.DataFrame(expected)
     stale = pd.DataFrame(columns=MATCH_KEYS)
+    seed = ",".join(map(str, seeds))
     if len(rows):
-        rows = rows[(rows.profile == profile) & (rows.seed == seed)]
+        rows = rows[(rows.profile == profile) & rows.seed.isin(seeds)]
         rows = rows.assign(key=rows["eval_key"] if "eval_key" in rows else rows["stage_key"])
         current = rows.key.isin(want.key)
         stale = rows[~current][MATCH_KEYS].drop_duplicates()
@@ -65,32 +66,49 @@ def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: st
         n_stale = len(missing[MATCH_KEYS].merge(stale, on=MATCH_KEYS))  # missing, but an older version is there
         older = f", {n_stale} of them only from an older code version or settings" if n_stale else ""
         raise ReportError(
-            f"report {study}: {len(missing)} of {len(want)} results missing for profile {profile}, seed {seed}"
+            f"report {study}: {len(missing)} of {len(want)} results missing for profile {profile}, "
+            f"seed{'s' if len(seeds) > 1 else ''} {seed}"
             f"{older} (first: arm {first.arm!r}, {first.role} {first.defense} on {first.downstream}); "
-            f"compute them with `defbench report {study} --profile {profile}`")
+            f"compute them with `defbench report {study} --profile {profile}"
+            f"{f' --seeds {seed}' if len(seeds) > 1 else ''}`")
     return merged.drop(columns="_merge")
 
 
 # ----------------------------------------------------------------- helpers
 
 def _mean_by(rows: pd.DataFrame, keys: list[str], asr: str) -> pd.DataFrame:
-    """ACC/ASR (and defense seconds) averaged over tasks, one row per ``keys``; order of first appearance."""
+    """ACC/ASR (and defense seconds) averaged over tasks, one row per ``keys``, order of first appearance; with
+    several seeds the mean over seeds of the per-seed means, and ``ACC sd``/``ASR sd`` their spread (NaN with
+    one seed)."""
     rows = rows.assign(_order=range(len(rows)))
-    out = rows.groupby(keys, sort=False, dropna=False).agg(
+    if "seed" not in rows:
+        rows = rows.assign(seed=0)
+    per_seed = rows.groupby([*keys, "seed"], sort=False, dropna=False).agg(
         ACC=("acc", "mean"), ASR=(asr, "mean"), seconds=("encoder_seconds", "mean"), _order=("_order", "min"))
+    out = per_seed.groupby(keys, sort=False, dropna=False).agg(
+        ACC=("ACC", "mean"), ASR=("ASR", "mean"), seconds=("seconds", "mean"), _order=("_order", "min"),
+        **{"ACC sd": ("ACC", "std"), "ASR sd": ("ASR", "std")})
     return out.sort_values("_order").drop(columns="_order").reset_index()
 
 
+def _err(values) -> np.ndarray | None:
+    """Error-bar sizes, or None when there is no spread (one seed)."""
+    values = np.asarray(values, dtype=float)
+    return None if np.isnan(values).all() else np.nan_to_num(values)
+
+
 def _reference(rows: pd.DataFrame, role: str, asr: str) -> tuple[float, float]:
-    ref = rows[rows.role == role].drop_duplicates("downstream")
+    ref = rows[rows.role == role].drop_duplicates(["downstream", "seed"] if "seed" in rows else "downstream")
     return float(ref.acc.mean()), float(ref[asr].mean())
 
 
 def _bars_and_line(ax, labels: list[str], acc, asr, undefended: tuple[float, float] | None = None,
-                   xlabel: str = "") -> None:
+                   xlabel: str = "", acc_sd=None, asr_sd=None) -> None:
     x = np.arange(len(labels))
-    ax.bar(x, asr, width=0.6, color=ASR_COLOUR, alpha=0.75, label="ASR")
-    ax.plot(x, acc, marker="o", color=ACC_COLOUR, linewidth=2, label="ACC")
+    ax.bar(x, asr, width=0.6, color=ASR_COLOUR, alpha=0.75, label="ASR",
+           yerr=_err(asr_sd) if asr_sd is not None else None, capsize=3)
+    ax.errorbar(x, acc, yerr=_err(acc_sd) if acc_sd is not None else None, marker="o", color=ACC_COLOUR,
+                linewidth=2, capsize=3, label="ACC")
     if undefended is not None:
         ax.axhline(undefended[1], color=REF_COLOUR, linestyle="--", linewidth=1, label="ASR undefended")
         ax.axhline(undefended[0], color=REF_COLOUR, linestyle=":", linewidth=1, label="ACC undefended")
@@ -112,15 +130,19 @@ def _legend_below(ax, ncol: int = 4) -> None:
 
 
 def _per_task_table(rows: pd.DataFrame, index: list[str], asr: str) -> pd.DataFrame:
-    """ACC/ASR per task (columns "TASK ACC", "TASK ASR") plus their means when there are several tasks."""
+    """ACC/ASR per task (columns "TASK ACC", "TASK ASR") plus their means when there are several tasks, and
+    the sds over seeds of the means when there are several seeds."""
     tasks = list(dict.fromkeys(rows.downstream))
-    table = _mean_by(rows, index, asr)[index + ["ACC", "ASR"]]
+    means = _mean_by(rows, index, asr)
+    spread = ["ACC sd", "ASR sd"] if means["ACC sd"].notna().any() else []
+    table = means[index + ["ACC", "ASR", *spread]]
     if len(tasks) > 1:
         for task in tasks:
             part = _mean_by(rows[rows.downstream == task], index, asr)
             table[f"{task} ACC"] = part.ACC.values
             table[f"{task} ASR"] = part.ASR.values
-        table = table.rename(columns={"ACC": "mean ACC", "ASR": "mean ASR"})
+        table = table.rename(columns={"ACC": "mean ACC", "ASR": "mean ASR", "ACC sd": "mean ACC sd",
+                                      "ASR sd": "mean ASR sd"})
     return table
 
 
@@ -137,12 +159,34 @@ def components(rows, asr, meas=None) -> tuple[plt.Figure, pd.DataFrame, list[str
     table = _per_task_table(defended, ["arm"], asr)
     undefended = _reference(rows, "undefended", asr)
     fig, (ax,) = _figure(width=7.5)
-    _bars_and_line(ax, ["undefended"] + list(table.arm), [undefended[0], *table.iloc[:, 1]],
-                   [undefended[1], *table.iloc[:, 2]], xlabel="MIMIC variant")
+    means = _mean_by(defended, ["arm"], asr)
+    _bars_and_line(ax, ["undefended"] + list(means.arm), [undefended[0], *means.ACC], [undefended[1], *means.ASR],
+                   xlabel="MIMIC variant", acc_sd=[np.nan, *means["ACC sd"]], asr_sd=[np.nan, *means["ASR sd"]])
     ax.set_title("MIMIC without one component")
     table = pd.concat([pd.DataFrame([{"arm": "undefended", table.columns[1]: undefended[0],
                                       table.columns[2]: undefended[1]}]), table], ignore_index=True)
     return fig, table.rename(columns={"arm": "variant"}), []
+
+
+def regime(rows, asr, meas=None):
+    """The studied defense under each one-factor change: ACC line, ASR bars, with each arm's undefended
+    reference (the width arm has its own encoder) and the defense's wall time."""
+    defended = rows[rows.role == "defended"]
+    means = _mean_by(defended, ["arm"], asr)
+    reference = _mean_by(rows[rows.role == "undefended"], ["arm"], asr).set_index("arm")
+    fig, (ax,) = _figure(width=8.5)
+    _bars_and_line(ax, list(means.arm), means.ACC, means.ASR, xlabel="setting (one factor changed)",
+                   acc_sd=means["ACC sd"], asr_sd=means["ASR sd"])
+    ax.plot(range(len(means)), reference.loc[means.arm, "ASR"], linestyle="none", marker="_", markersize=18,
+            color=REF_COLOUR, label="ASR undefended")
+    _legend_below(ax)
+    ax.tick_params(axis="x", labelrotation=20)
+    table = _per_task_table(defended, ["arm"], asr)
+    table.insert(1, "seconds", means.seconds.values)
+    table.insert(1, "undefended ASR", reference.loc[means.arm, "ASR"].values)
+    return fig, table.rename(columns={"arm": "setting"}), [
+        "one factor changed at a time around the profile's setting; seconds = the defend stage's wall time; "
+        "the width arm pre-trains and attacks its own wider encoder (its undefended ASR is its own)"]
 
 
 def lambdas(rows, asr, meas=None):
@@ -153,7 +197,8 @@ def lambdas(rows, asr, meas=None):
     for ax, sweep in zip(axes, ["lambda1", "lambda2"]):
         part = _mean_by(defended[defended.sweep == sweep], ["x"], asr).sort_values("x")
         name = {"lambda1": "λ1 (weight of NT-Xent, L1)", "lambda2": "λ2 (multiplier of the β-weighted attention, L2)"}
-        _bars_and_line(ax, [f"{v:g}" for v in part.x], part.ACC, part.ASR, undefended, xlabel=name[sweep])
+        _bars_and_line(ax, [f"{v:g}" for v in part.x], part.ACC, part.ASR, undefended, xlabel=name[sweep],
+                       acc_sd=part["ACC sd"], asr_sd=part["ASR sd"])
         ax.set_title(f"{sweep} sweep (the other weight at 1)")
         tables.append(_per_task_table(defended[defended.sweep == sweep], ["sweep", "x"], asr).sort_values("x"))
     table = pd.concat(tables, ignore_index=True).rename(columns={"x": "value"})
@@ -166,13 +211,28 @@ def _before_after(rows, asr, by: str, before_role: str = "undefended", after_rol
     return before.merge(after, on=by, suffixes=(" before", " after"), sort=False)
 
 
+def _before_after_series(both: pd.DataFrame) -> dict[str, tuple]:
+    return {when_name: (both[f"ACC {when}"], both[f"ASR {when}"], colour, both[f"ACC sd {when}"],
+                        both[f"ASR sd {when}"])
+            for when, when_name, colour in (("before", "undefended", REF_COLOUR), ("after", "MIMIC", ASR_COLOUR))}
+
+
+def _with_spread(table: pd.DataFrame, both: pd.DataFrame) -> pd.DataFrame:
+    """Add the before/after sds over seeds to a table, when there are several seeds."""
+    for col in ("ACC sd before", "ASR sd before", "ACC sd after", "ASR sd after"):
+        if both[col].notna().any():
+            table[col] = both[col].values
+    return table
+
+
 def _grouped(ax, labels, series: dict[str, tuple], xlabel: str) -> None:
-    """ASR bars side by side and ACC lines, one pair per series name: {name: (acc, asr, colour)}."""
+    """ASR bars side by side and ACC lines, one pair per series name: {name: (acc, asr, colour, acc_sd, asr_sd)}."""
     x = np.arange(len(labels))
     width = 0.8 / len(series)
-    for i, (name, (acc, asr, colour)) in enumerate(series.items()):
-        ax.bar(x - 0.4 + width * (i + 0.5), asr, width=width * 0.95, color=colour, alpha=0.55, label=f"ASR {name}")
-        ax.plot(x, acc, marker="o", color=colour, linewidth=2, label=f"ACC {name}")
+    for i, (name, (acc, asr, colour, acc_sd, asr_sd)) in enumerate(series.items()):
+        ax.bar(x - 0.4 + width * (i + 0.5), asr, width=width * 0.95, color=colour, alpha=0.55, label=f"ASR {name}",
+               yerr=_err(asr_sd), capsize=3)
+        ax.errorbar(x, acc, yerr=_err(acc_sd), marker="o", color=colour, linewidth=2, capsize=3, label=f"ACC {name}")
     ax.set_xticks(x, labels)
     _percent_axis(ax, xlabel)
 
@@ -180,14 +240,12 @@ def _grouped(ax, labels, series: dict[str, tuple], xlabel: str) -> None:
 def trigger_size(rows, asr, meas=None):
     both = _before_after(rows, asr, "arm")
     fig, (ax,) = _figure()
-    _grouped(ax, list(both.arm), {"undefended": (both["ACC before"], both["ASR before"], REF_COLOUR),
-                                  "MIMIC": (both["ACC after"], both["ASR after"], ASR_COLOUR)},
-             xlabel="trigger size (pixels, white patch)")
+    _grouped(ax, list(both.arm), _before_after_series(both), xlabel="trigger size (pixels, white patch)")
     ax.set_title("BadEncoder with a smaller trigger, before and after MIMIC")
     table = both[["arm", "ACC before", "ASR before", "ACC after", "ASR after"]].copy()
     table["ASR reduction"] = table["ASR before"] - table["ASR after"]
     table["ACC loss"] = table["ACC before"] - table["ACC after"]
-    return fig, table.rename(columns={"arm": "trigger"}), ["before = undefended, after = MIMIC"]
+    return fig, _with_spread(table, both).rename(columns={"arm": "trigger"}), ["before = undefended, after = MIMIC"]
 
 
 def clean_ratio(rows, asr, meas=None):
@@ -197,7 +255,8 @@ def clean_ratio(rows, asr, meas=None):
     fig, axes = _figure(2)
     for ax, metric, ref in zip(axes, ["ACC", "ASR"], undefended):
         for defense, part in means.groupby("defense", sort=False):
-            ax.plot(part.x * 100, part[metric], marker="o", linewidth=1.5, label=defense)
+            ax.errorbar(part.x * 100, part[metric], yerr=_err(part[f"{metric} sd"]), marker="o", linewidth=1.5,
+                        capsize=2, label=defense)
         ax.axhline(ref, color=REF_COLOUR, linestyle="--", linewidth=1, label="undefended")
         ax.set_title(f"{metric} after each defense")
         ax.set_xticks(sorted(means.x.unique() * 100))
@@ -215,7 +274,8 @@ def poison_ratio(rows, asr, meas=None):
     undefended = _reference(rows, "undefended", asr)
     fig, (ax,) = _figure()
     _bars_and_line(ax, [f"{v:.0%}" for v in defended.x], defended.ACC, defended.ASR, undefended,
-                   xlabel="triggered images in the defender's clean set")
+                   xlabel="triggered images in the defender's clean set", acc_sd=defended["ACC sd"],
+                   asr_sd=defended["ASR sd"])
     ax.set_title("MIMIC with a poisoned clean set")
     table = _per_task_table(rows[rows.role == "defended"], ["x"], asr).sort_values("x")
     table["x"] = table.x.map(lambda v: f"{v:.0%}")
@@ -224,13 +284,14 @@ def poison_ratio(rows, asr, meas=None):
 
 
 def clean_encoders(rows, asr, meas=None):
-    before = rows[rows.role == "clean"].drop_duplicates("downstream")
+    before = rows[rows.role == "clean"].drop_duplicates(["downstream", "seed"])
     after = rows[rows.role == "clean-defended"]
     acc_before = float(before.acc.mean())
     per_defense = _mean_by(after, ["defense"], asr)
     fig, (ax,) = _figure(width=7.5)
     x = np.arange(len(per_defense))
-    ax.bar(x, per_defense.ACC, width=0.6, color=ACC_COLOUR, alpha=0.75, label="ACC after the defense")
+    ax.bar(x, per_defense.ACC, width=0.6, color=ACC_COLOUR, alpha=0.75, label="ACC after the defense",
+           yerr=_err(per_defense["ACC sd"]), capsize=3)
     ax.axhline(acc_before, color=REF_COLOUR, linestyle="--", linewidth=1, label="ACC of the clean encoder")
     ax.set_xticks(x, per_defense.defense)
     _percent_axis(ax, "defense applied to a clean encoder", "ACC (%)")
@@ -249,8 +310,10 @@ def mi_layers(rows, asr, meas: pd.DataFrame | None = None):
         for inputs, layers in result.items():
             for layer, value in layers.items():
                 records.append({"encoder": m.arm, "inputs": inputs, "layer": layer, "MI": value,
-                                "downstream": m.downstream})
-    frame = pd.DataFrame(records).groupby(["encoder", "inputs", "layer"], sort=False).MI.mean().reset_index()
+                                "downstream": m.downstream, "seed": m.get("seed", 0)})
+    per_seed = pd.DataFrame(records).groupby(["encoder", "inputs", "layer", "seed"], sort=False).MI.mean()
+    frame = per_seed.groupby(["encoder", "inputs", "layer"], sort=False).agg(["mean", "std"]).reset_index()
+    frame = frame.rename(columns={"mean": "MI", "std": "MI sd"})
     encoders = list(dict.fromkeys(frame.encoder))
     fig, axes = _figure(len(encoders))
     top = frame.MI.max() * 1.15 or 1.0
@@ -258,7 +321,8 @@ def mi_layers(rows, asr, meas: pd.DataFrame | None = None):
         part = frame[frame.encoder == encoder]
         for inputs, colour in (("clean", ACC_COLOUR), ("triggered", ASR_COLOUR)):
             p = part[part.inputs == inputs]
-            ax.plot(p.layer, p.MI, marker="o", linewidth=2, color=colour, label=f"{inputs} inputs")
+            ax.errorbar(p.layer, p.MI, yerr=_err(p["MI sd"]), marker="o", linewidth=2, capsize=3, color=colour,
+                        label=f"{inputs} inputs")
         ax.set_ylim(-0.03 * top, top)  # a little room below 0: markers at an estimate of 0 stay whole
         ax.set_xlabel("stage")
         ax.set_ylabel("MI estimate I(stage; feature) (nats)")
@@ -274,11 +338,10 @@ def mi_layers(rows, asr, meas: pd.DataFrame | None = None):
 def adaptive(rows, asr, meas=None):
     both = _before_after(rows, asr, "arm")
     fig, (ax,) = _figure()
-    _grouped(ax, list(both.arm), {"undefended": (both["ACC before"], both["ASR before"], REF_COLOUR),
-                                  "MIMIC": (both["ACC after"], both["ASR after"], ASR_COLOUR)}, xlabel="attack")
+    _grouped(ax, list(both.arm), _before_after_series(both), xlabel="attack")
     ax.set_title("An adaptive attack that hides its MI profile")
-    table = both[["arm", "ACC before", "ASR before", "ACC after", "ASR after"]]
-    return fig, table.rename(columns={"arm": "attack"}), ["before = undefended, after = MIMIC"]
+    table = both[["arm", "ACC before", "ASR before", "ACC after", "ASR after"]].copy()
+    return fig, _with_spread(table, both).rename(columns={"arm": "attack"}), ["before = undefended, after = MIMIC"]
 
 
 def fit_exponent(sizes, seconds) -> float:
@@ -331,14 +394,42 @@ def cost(rows, asr, meas=None):
     return fig, table.reset_index(), notes
 
 
+def frontier(rows, asr, meas=None):
+    """ASR and ACC of each defense against its measured wall time, one line per defense over its budgets."""
+    defended = rows[rows.role == "defended"]
+    per = _mean_by(defended, ["sweep", "x", "arm"], asr).sort_values(["sweep", "x"], kind="stable")
+    order = list(dict.fromkeys(defended.sweep))
+    undefended = _reference(rows, "undefended", asr)
+    fig, axes = _figure(2)
+    for ax, metric, ref in zip(axes, ("ASR", "ACC"), (undefended[1], undefended[0])):
+        for defense in order:
+            part = per[per.sweep == defense]
+            ax.errorbar(part.seconds, part[metric], yerr=_err(part[f"{metric} sd"]), marker="o", linewidth=1.5,
+                        capsize=2, label=defense)
+        ax.axhline(ref, color=REF_COLOUR, linestyle="--", linewidth=1, label="undefended")
+        ax.set_xscale("log")
+        ax.set_title(f"{metric} against compute")
+        _percent_axis(ax, "wall time of the defense (s, log scale)", f"{metric} (%)", legend_columns=5)
+    columns = ["sweep", "x", "arm", "seconds", "ACC", "ASR"] + [c for c in ("ACC sd", "ASR sd") if per[c].notna().any()]
+    table = per[columns].rename(columns={"sweep": "defense", "x": "budget scale", "arm": "budget"})
+    table["budget"] = table.budget.str.extract(r"\((.*)\)$", expand=False)
+    table["defense"] = pd.Categorical(table.defense, order, ordered=True)
+    table = table.sort_values(["defense", "budget scale"]).reset_index(drop=True)
+    return fig, table, [f"undefended: ACC {undefended[0]:.2f}, ASR {undefended[1]:.2f}",
+                        "each defense at 1/4, 1/2, 1, 2 and 4 times its own budget (the fields it declares); "
+                        "seconds = the defend stage's measured wall time; nothing is selected by ASR"]
+
+
 # ----------------------------------------------------------------- building and writing
 
 def build(study, evaluations: pd.DataFrame, measurements: pd.DataFrame, expected_rows: list[dict],
-          expected_measurements: list[dict], profile: str, seed: int, convention: str = "all") -> StudyReport:
+          expected_measurements: list[dict], profile: str, seeds: list[int] | int,
+          convention: str = "all") -> StudyReport:
     """Check the study's rows (from the results database) are complete, and draw its figure and table with
-    the study's own renderer (``study.render``)."""
-    rows = match_rows(evaluations, expected_rows, study.name, profile, seed) if expected_rows else None
-    meas = match_rows(measurements, expected_measurements, study.name, profile, seed) \
+    the study's own renderer (``study.render``); with several seeds, means over seeds and their spread."""
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    rows = match_rows(evaluations, expected_rows, study.name, profile, seeds) if expected_rows else None
+    meas = match_rows(measurements, expected_measurements, study.name, profile, seeds) \
         if expected_measurements else None
     fig, table, notes = study.render(rows, ASR_COLUMNS[convention], meas)
     study, title, paper = study.name, study.title, study.paper

@@ -121,18 +121,51 @@ def table1(rows: pd.DataFrame, defenses: list[str], convention: str = "all",
     return pd.concat(out, ignore_index=True), notes
 
 
-def _best(row: pd.Series, defenses: list[str]) -> tuple[str | None, str | None]:
-    accs = {d: row[(d, "ACC")] for d in defenses if pd.notna(row[(d, "ACC")])}
-    asrs = {d: row[(d, "ASR")] for d in defenses if pd.notna(row[(d, "ASR")])}
-    return (max(accs, key=accs.get) if accs else None, min(asrs, key=asrs.get) if asrs else None)
+def combine_seeds(tables: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Mean and standard deviation over seeds of several :func:`table1` frames (one per seed), cell by cell
+    (Average rows included: the sd of an average is the spread of the per-seed averages). With one seed the
+    sd is None: there is no spread to report."""
+    if len(tables) == 1:
+        return tables[0], None
+    keys = [("attack", ""), ("pretrain", ""), ("downstream", "")]
+    stacked = pd.concat(tables, ignore_index=True)
+    order = stacked[keys].drop_duplicates()
+    grouped = stacked.groupby(keys, sort=False)
+    metrics = [c for c in stacked.columns if c not in keys]
+    mean = grouped[metrics].mean().reset_index()
+    sd = grouped[metrics].std(ddof=1).reset_index()
+    mean = order.merge(mean, on=keys, how="left")[stacked.columns]
+    sd = order.merge(sd, on=keys, how="left")[stacked.columns]
+    return mean, sd
 
 
-def _cells(table: pd.DataFrame, defenses: list[str], bold) -> tuple[list[str], list[list[str]]]:
+def _separated_best(values: dict[str, float], spreads: dict[str, float] | None, lower: bool) -> str | None:
+    """The best defense, only when it beats the runner-up by more than the sum of their spreads over seeds
+    (with one seed there is no spread: nothing is marked)."""
+    if spreads is None or len(values) < 2:
+        return None
+    ranked = sorted(values, key=values.get, reverse=not lower)
+    best, runner = ranked[0], ranked[1]
+    gap = abs(values[runner] - values[best])
+    return best if gap > (spreads.get(best) or 0.0) + (spreads.get(runner) or 0.0) else None
+
+
+def _best(row: pd.Series, sd_row: pd.Series | None, defenses: list[str]) -> tuple[str | None, str | None]:
+    def metric(name, frame_row):
+        return {d: frame_row[(d, name)] for d in defenses if pd.notna(row[(d, name)])}
+    accs, asrs = metric("ACC", row), metric("ASR", row)
+    spread_acc = metric("ACC", sd_row) if sd_row is not None else None
+    spread_asr = metric("ASR", sd_row) if sd_row is not None else None
+    return _separated_best(accs, spread_acc, lower=False), _separated_best(asrs, spread_asr, lower=True)
+
+
+def _cells(table: pd.DataFrame, sd: pd.DataFrame | None, defenses: list[str], bold) -> tuple[list, list]:
     metric_cols = [c for c in table.columns[3:]]
     headers = ["attack", "pre-train → downstream"] + [f"{c[0]} {c[1]}" for c in metric_cols]
     body = []
-    for _, row in table.iterrows():
-        best_acc, best_asr = _best(row, defenses)
+    for i, row in table.iterrows():
+        sd_row = sd.loc[i] if sd is not None else None
+        best_acc, best_asr = _best(row, sd_row, defenses)
         where = row[("pretrain", "")] if row[("pretrain", "")] == "Average" else \
             f"{row[('pretrain', '')]} → {row[('downstream', '')]}"
         if row[("pretrain", "")] == "Average" and row[("downstream", "")]:
@@ -141,6 +174,8 @@ def _cells(table: pd.DataFrame, defenses: list[str], bold) -> tuple[list[str], l
         for col in metric_cols:
             value = row[col]
             text = MISSING if pd.isna(value) else f"{value:.2f}"
+            if sd_row is not None and not pd.isna(value) and not col[1].startswith("paper") and pd.notna(sd_row[col]):
+                text += f" ± {sd_row[col]:.2f}"
             if (col == (best_acc, "ACC") or col == (best_asr, "ASR")) and not pd.isna(value):
                 text = bold(text)
             cells.append(text)
@@ -148,20 +183,36 @@ def _cells(table: pd.DataFrame, defenses: list[str], bold) -> tuple[list[str], l
     return headers, body
 
 
-def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str], title: str) -> str:
+def _bold_note(sd: pd.DataFrame | None, n_seeds: int) -> str:
+    if sd is None:
+        return ("No best is marked: with one seed there is no spread to tell a best from noise "
+                "(`--seeds 0,1,2` gives mean ± sd and marks separated bests).")
+    return (f"mean ± sd over {n_seeds} seeds. Bold: best ACC / lowest ASR among the defenses (Undefended "
+            "excluded), only where it beats the runner-up by more than the sum of their sds.")
+
+
+def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str], title: str,
+           sd: pd.DataFrame | None = None, n_seeds: int = 1) -> str:
     from tabulate import tabulate
     if fmt == "csv":
         flat = table.copy()
         flat.columns = ["_".join(x for x in c if x).replace(" ", "_").lower() for c in table.columns]
+        if sd is not None:
+            for col in table.columns[3:]:
+                flat["_".join(x for x in col if x).replace(" ", "_").lower() + "_sd"] = sd[col].values
         return flat.to_csv(index=False, float_format="%.2f")
     if fmt == "md":
-        headers, body = _cells(table, defenses, lambda t: f"**{t}**")
+        headers, body = _cells(table, sd, defenses, lambda t: f"**{t}**")
         text = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
         return f"### {title}\n\n{text}\n\n" + "\n".join(f"- {n}" for n in notes) + \
-            "\n- Bold: best ACC and lowest ASR among the defenses (Undefended excluded).\n"
+            f"\n- {_bold_note(sd, n_seeds)}\n"
     if fmt == "latex":
-        headers, body = _cells(table, defenses, lambda t: f"\\textbf{{{t}}}")
-        escape = lambda s: s.replace("→", "$\\rightarrow$").replace("_", "\\_").replace("%", "\\%")  # noqa: E731
+        notes = notes + [_bold_note(sd, n_seeds)]
+        headers, body = _cells(table, sd, defenses, lambda t: f"\\textbf{{{t}}}")
+        def escape(text: str) -> str:
+            for raw, tex in (("±", "$\\pm$"), ("→", "$\\rightarrow$"), ("_", "\\_"), ("%", "\\%")):
+                text = text.replace(raw, tex)
+            return text
         lines = ["\\begin{table}", "\\centering", f"\\caption{{{escape(title)}}}", "\\small",
                  "\\begin{tabular}{ll" + "r" * (len(headers) - 2) + "}", "\\toprule",
                  " & ".join(escape(h) for h in headers) + " \\\\", "\\midrule"]

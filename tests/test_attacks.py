@@ -66,3 +66,22 @@ def test_bassl_adds_stamped_target_images_and_pretrains_from_scratch(monkeypatch
     assert all(any(torch.equal(p, q) for q in pool) for p in unstamped)  # every poison is a target image
     assert ctx.records["n_poison"] == 12
     assert comp.options["needs_clean_encoder"] is False
+
+
+def test_badencoder_paper_shadow_set_is_50k_and_the_loop_draws_that_many(ctx):
+    from defbench.attacks.badencoder import badencoder_loss, train_badencoder
+    assert ATTACKS.get("badencoder").make_config("paper").shadow_images == 50000  # the release's shadow set
+    torch.manual_seed(0)
+    clean = build_encoder(width=8).eval()
+    shadow = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    inputs = AttackInputs(clean.config, shadow, targets, PatchTrigger(), SimCLRConfig(), clean_encoder=clean)
+    cfg = ATTACKS.get("badencoder").config(epochs=2, batch_size=16, shadow_images=32)
+    seen, epochs = [], []
+
+    def loss_fn(model, clean, x, x_triggered, refs, refs_aug):
+        seen.append(len(x))
+        return badencoder_loss(model, clean, x, x_triggered, refs, refs_aug, 1.0, 1.0)
+    train_badencoder(inputs, cfg, ctx, loss_fn, on_epoch_end=lambda e, model, means: epochs.append((e, len(means))))
+    assert seen == [16, 16, 16, 16]  # 32 of the 64 images, two full batches per epoch
+    assert epochs == [(1, 3), (2, 3)]  # the hook sees every epoch, counted from 1, with [L0, L1, L2]

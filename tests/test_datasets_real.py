@@ -377,3 +377,85 @@ def test_folder_class_root_and_errors(tmp_path):
     (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="cannot read image"):
         load_dataset(f"folder:{tmp_path / 'imgs'}", "train", "", 16)
+
+
+# ------------------------------------------------------- files that are not just data
+
+class _RunsCode:
+    """Unpickling this would run a shell command creating ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("target", ["data_batch_1", "batches.meta"])
+def test_a_cifar_file_that_would_run_code_is_refused_and_never_runs(tmp_path, target):
+    write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    entry = ({"labels": [1, 2], "data": _RunsCode(marker)} if target != "batches.meta"
+             else {"label_names": _RunsCode(marker)})
+    (tmp_path / "cifar-10-batches-py" / target).write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DatasetError) as err:
+        load_dataset("cifar10", "train", tmp_path, 32)
+    msg = one_line(err)
+    assert "refused to read" in msg and target in msg and "system" in msg, msg
+    assert not marker.exists(), "the pickle ran its code"
+
+
+def test_cifar_pickles_written_by_numpy_1_and_python_2_layouts_still_load(tmp_path):
+    """The published files name numpy.core.multiarray (NumPy 1); keys may be bytes; labels a numpy array."""
+    write_cifar(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    entry = {b"labels": np.array([3, 4, 5, 6]), b"data": pattern(4, 32, 32).transpose(0, 3, 1, 2).reshape(4, 3072)}
+    raw = pickle.dumps(entry, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"numpy.core.multiarray" in raw
+    path.write_bytes(raw)
+    train = load_dataset("cifar10", "train", tmp_path, 32)
+    assert train.labels.tolist()[4:8] == [3, 4, 5, 6]
+    assert_pattern(train.images, 5, blue=10)
+
+
+@pytest.mark.parametrize("entry, expect", [
+    ({"labels": [0, 1], "data": np.zeros((2, 3072), np.float32)}, "uint8"),
+    ({"labels": [0, 1], "data": np.zeros((2, 100), np.uint8)}, "N x 3072"),
+    ({"labels": [0, 1, 2], "data": np.zeros((2, 3072), np.uint8)}, "2 images but 3 labels"),
+    ({"labels": ["a", "b"], "data": np.zeros((2, 3072), np.uint8)}, "list of integers"),
+    ([1, 2, 3], "not a CIFAR-10 dictionary"),
+    ({"labels": [0, 99], "data": np.zeros((2, 3072), np.uint8)}, "has label 99 but only 10 classes"),
+])
+def test_cifar_batches_of_the_wrong_shape_are_one_line_errors(tmp_path, entry, expect):
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DatasetError) as err:
+        load_dataset("cifar10", "train", tmp_path, 32)
+    assert expect in one_line(err)
+
+
+def test_stl10_labels_outside_the_classes_are_refused(tmp_path):
+    write_stl(tmp_path)
+    (tmp_path / "stl10_binary" / "train_y.bin").write_bytes(bytes([1, 5, 0]))  # 0 on disk: label 255 after -1
+    with pytest.raises(DatasetError) as err:
+        load_dataset("stl10", "train", tmp_path, 32)
+    assert "has label 255 but only 10 classes" in one_line(err)
+
+
+@pytest.mark.parametrize("y, split, expect", [
+    (np.array([0, -1, 1]), "train", "has label -1"),
+    (np.array([0, -5, 1]), "pretrain", "has label -5"),
+    (np.array([0, 10**6, 1]), "train", "at most 100,000"),
+])
+def test_npz_labels_out_of_range_are_refused(tmp_path, y, split, expect):
+    np.savez(tmp_path / "d.npz", x=pattern(3, 8, 8), y=y)
+    with pytest.raises(DatasetError) as err:
+        load_dataset(f"npz:{tmp_path / 'd.npz'}", split, "", 8)
+    assert expect in one_line(err)
+
+
+def test_an_empty_split_is_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((0, 8, 8, 3), np.uint8), y=np.zeros(0, np.int64))
+    with pytest.raises(DatasetError) as err:
+        load_dataset(f"npz:{tmp_path / 'd.npz'}", "train", "", 8)
+    assert "holds no images" in one_line(err)

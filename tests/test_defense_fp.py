@@ -102,3 +102,17 @@ def test_fp_masks_survive_an_optimizer_step():
     for bn in _stream_params(encoder):
         assert torch.all(bn.weight[pruned] == 0) and torch.all(bn.bias[pruned] == 0)
     assert set(encoder.state_dict()) == set(build_encoder(width=8).state_dict())
+
+
+def test_fp_walks_the_similarity_rule_in_one_percent_steps(ctx):
+    """BackdoorBench's once_prune_ratio: the rule tries every 1% of the channels (paper's ratio_step)."""
+    from defbench.defenses import CleanData
+
+    assert get_defense("fp").make_config("paper").ratio_step == 0.01
+    encoder = build_encoder(width=8).eval()  # layer4: 64 channels
+    clean = CleanData((torch.rand(40, 3, 32, 32) * 255).to(torch.uint8))
+    cfg = get_defense("fp").make_config("ci", {"epochs": 0, "min_similarity": -1.0, "max_ratio": 0.2})
+    get_defense("fp").fn(encoder, clean, cfg, ctx)
+    expected = sorted({round(i * 0.01 * 64) for i in range(1, 21)} - {0})
+    assert [step["n_pruned"] for step in ctx.records["fp_similarity_curve"]] == expected
+    assert ctx.records["fp_n_pruned"] == round(0.2 * 64)

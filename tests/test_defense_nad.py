@@ -1,11 +1,13 @@
-"""NAD: the attention loss falls during distillation and the frozen teacher is never updated."""
+"""NAD: the attention loss falls during distillation, the frozen teacher is never updated, and teacher and
+student train with NAD's optimiser and lr schedule (0.1, then 0.01 after lr_drop_epoch epochs) at every profile."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from defbench.defenses import get_defense
+from defbench.defenses import CleanData, get_defense
 from defbench.defenses import nad as nad_module
-from defbench.encoders import Encoder, load_encoder, save_encoder
+from defbench.encoders import Encoder, build_encoder, load_encoder, save_encoder
 
 
 def test_nad_distillation_reduces_attention_loss_and_leaves_teacher_alone(backdoored, clean_data, ctx):
@@ -51,3 +53,39 @@ def test_nad_rejects_mismatched_stage_weights(backdoored, clean_data, ctx):
         assert "betas" in str(err)
     else:
         raise AssertionError("mismatched at_stages/betas was accepted")
+
+
+@pytest.mark.parametrize("profile", ["paper", "tiny", "ci"])
+def test_nad_optimizer_follows_the_reference_schedule_at_every_profile(profile, ctx, monkeypatch):
+    cfg = get_defense("nad").make_config(profile)
+    assert (cfg.lr, cfg.lr_after, cfg.lr_drop_epoch) == (0.1, 0.01, 2)
+    assert (cfg.batch_size, cfg.momentum, cfg.weight_decay, cfg.nesterov) == (64, 0.9, 1e-4, True)
+    assert cfg.epochs > cfg.lr_drop_epoch and cfg.teacher_epochs > cfg.lr_drop_epoch  # both phases run
+    # the real loop, shortened to the schedule's two phases on a small encoder and set
+    short = get_defense("nad").make_config(profile, {"teacher_epochs": 3, "epochs": 3, "batch_size": 16})
+    clean = CleanData((torch.rand(40, 3, 32, 32) * 255).to(torch.uint8))  # 2 steps per epoch
+    runs = []
+    make = nad_module.make_optimizer
+
+    def spy(model, c):
+        opt = make(model, c)
+        group = opt.param_groups[0]
+        assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.9, 1e-4, True)
+        lrs, step = [], opt.step
+        runs.append(lrs)
+
+        def recording_step(*args, **kwargs):
+            lrs.append(group["lr"])
+            return step(*args, **kwargs)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(nad_module, "make_optimizer", spy)
+    defended = nad_module.nad(build_encoder(width=8), clean, short, ctx)
+    assert type(defended) is Encoder
+    assert len(runs) == 2  # the teacher's fine-tuning, then the student's distillation
+    for lrs in runs:
+        assert lrs == [0.1] * 4 + [0.01] * 2
+    assert ctx.records["nad_lr"] == [0.1, 0.1, 0.01]
+    assert len(ctx.records["nad_teacher_loss"]) == 3

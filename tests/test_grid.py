@@ -157,5 +157,5 @@ def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds(c
     assert len(status) == sched.total and not sched.pending
     logged = [r.getMessage() for r in caplog.records]  # one line per stage, the failure's with its error
     assert len(logged) == sched.total and logged[-1].endswith(f"[{sched.total}/{sched.total}]")
-    assert sum(line.startswith("failed: ft on badencoder") for line in logged) == 1, logged
+    assert sum(line.startswith("defbench: stage failed: ft on badencoder") for line in logged) == 1, logged
     assert any(line.startswith("skipped evaluate defended ft") for line in logged), logged

@@ -284,6 +284,49 @@ def test_switched_off_terms_do_no_work(loss_setup, monkeypatch):
     assert a.item() == b.item()
 
 
+def _reference_at(fm_s, fm_t, p=2.0):
+    """The authors' AT (models/AT.py): B x 1 x H x W maps normalised over (H, W), F.mse_loss."""
+    def amap(fm):
+        am = fm.abs().pow(p).sum(1, keepdim=True)
+        return am / (torch.norm(am, dim=(2, 3), keepdim=True) + 1e-6)
+    return F.mse_loss(amap(fm_s), amap(fm_t))
+
+
+def test_attention_forms_differ_exactly_by_the_mean_over_positions():
+    from defbench.defenses.losses import attention_loss
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((32, 32), (4, 4), (3, 5)):
+        s, t = torch.randn(5, 7, h, w, generator=g), torch.randn(5, 7, h, w, generator=g)
+        code = attention_loss(s, t)
+        # the default (used by NAD and by MIMIC at paper) is the authors' code, unchanged
+        assert code.item() == pytest.approx(_reference_at(s, t).item(), rel=1e-6)
+        assert attention_loss(s, t, 2.0, "code").item() == code.item()
+        per_sample_code = [attention_loss(s[i:i + 1], t[i:i + 1]) for i in range(5)]
+        per_sample_eq6 = [attention_loss(s[i:i + 1], t[i:i + 1], form="eq6") for i in range(5)]
+        for c, e in zip(per_sample_code, per_sample_eq6):  # ||d||_2 = sqrt(H*W * mean(d^2))
+            assert e.item() == pytest.approx(math.sqrt(h * w * c.item()), rel=1e-5)
+        # batch: both average over samples (code: of the squared norm / (H*W); eq6: of the norm)
+        assert code.item() == pytest.approx(sum(c.item() for c in per_sample_code) / 5, rel=1e-5)
+        eq6 = attention_loss(s, t, form="eq6")
+        assert eq6.item() == pytest.approx(sum(e.item() for e in per_sample_eq6) / 5, rel=1e-5)
+    with pytest.raises(ValueError, match="attention form"):
+        attention_loss(s, t, form="paper")
+
+
+def test_attention_form_eq6_changes_only_the_attention_term(loss_setup):
+    from defbench.defenses.losses import attention_loss
+    student, teacher, v1, v2, x, beta = loss_setup
+    _, code = mimic_loss(student, teacher, v1, v2, beta, MIMICConfig())
+    _, eq6 = mimic_loss(student, teacher, v1, v2, beta, MIMICConfig(attention_form="eq6"))
+    with torch.no_grad():
+        s, t = student.stages(v1), teacher.stages(v1)
+    for k in beta:
+        assert eq6[f"at_{k}"].item() == pytest.approx(attention_loss(s[k], t[k], 2.0, "eq6").item(), rel=1e-5)
+        assert code[f"at_{k}"].item() == pytest.approx(_reference_at(s[k], t[k]).item(), rel=1e-5)
+    assert eq6["l2"].item() == pytest.approx(sum(w * eq6[f"at_{k}"].item() for k, w in beta.items()), rel=1e-5)
+    assert eq6["l0"].item() == code["l0"].item() and eq6["l1"].item() == code["l1"].item()
+
+
 def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="every loss term"):
         MIMICConfig(use_clone=False, use_contrastive=False, use_attention=False).validate()
@@ -291,6 +334,8 @@ def test_config_rejects_nonsense():
         MIMICConfig(mi_source="both").validate()
     with pytest.raises(ValueError, match="distill_input"):
         MIMICConfig(distill_input="views").validate()
+    with pytest.raises(ValueError, match="attention_form"):
+        MIMICConfig(attention_form="paper").validate()
 
 
 def test_registered_with_profiles():
@@ -298,7 +343,7 @@ def test_registered_with_profiles():
     paper = comp.make_config("paper")
     assert (paper.epochs, paper.batch_size, paper.alpha0, paper.alpha1, paper.mi_epochs, paper.mi_pool) == \
         (1000, 128, 1000.0, 10000.0, 200, 0)
-    assert paper.mi_source == "teacher"
+    assert paper.mi_source == "teacher" and paper.attention_form == "code"
     for profile in ("tiny", "ci"):
         comp.make_config(profile)
 

@@ -108,7 +108,8 @@ def test_a_failing_stage_fails_only_its_dependents(ci_profile, ci_env):
         raise RuntimeError("boom")
 
     stages = cell_stages(ci_profile, "badencoder", "explodes", PRETRAIN, TASK)
-    outcomes = {o.stage.labels.get("role", o.stage.kind): o for o in run_grid(list(stages.values()), ci_env, show_progress=False)}
+    outcomes = {o.stage.labels.get("role", o.stage.kind): o
+                for o in run_grid(list(stages.values()), ci_env, show_progress=False)}
     assert outcomes["defended"].status == "skipped"
     assert outcomes["undefended"].status in ("ran", "cached")
     failed = [o for o in run_grid(list(stages.values()), ci_env, show_progress=False) if o.status == "failed"]

@@ -22,7 +22,8 @@ def test_component_defaults_layer_paper_then_profile_then_overrides():
 
 
 def test_set_parses_toml_values():
-    sets = parse_sets(["pretrain.epochs=3", "pretrain.lr=1e-2", "encoder.channels_last=false", "grid.attacks=[\"bassl\"]"])
+    sets = parse_sets(["pretrain.epochs=3", "pretrain.lr=1e-2", "encoder.channels_last=false",
+                       "grid.attacks=[\"bassl\"]"])
     p = load_profile("ci", sets)
     assert p.pretrain.epochs == 3 and p.pretrain.lr == 0.01 and p.encoder.channels_last is False
     assert p.grid.attacks == ["bassl"] and p.overrides["pretrain.epochs"] == 3

@@ -21,18 +21,28 @@ def _load(*sets, profile="ci"):
 
 @pytest.mark.parametrize("item, message", [
     ("defense.mimic.use_mi=flase", "defense.mimic.use_mi expects true or false, got 'flase'"),
-    ("defense.epochs=5.5", "defense.ft.epochs expects an integer, got 5.5"),
+    ("defense.epochs=5.5", "defense.epochs expects an integer, got 5.5"),
     ("defense.ft.lr=fast", "defense.ft.lr expects a number, got 'fast'"),
     ("defense.ft.lr=nan", "defense.ft.lr must be a finite number"),
     ("attack.badencoder.reference_pick=3", "expects a string, got 3"),
     ("defense.nad.betas=[1, \"x\", 3]", "defense.nad.betas[1] expects a number"),
 ])
-def test_component_values_are_typed_when_the_cell_is_planned(item, message):
-    profile = _load(item)  # loading checks the key exists; building the config checks the value
+def test_component_values_are_typed_when_the_profile_is_loaded(item, message):
     with pytest.raises(ConfigError) as err:
+        profile = _load(item)  # loading checks the key and its value; building a config checks again
         for defense in ("ft", "mimic", "nad"):
             cell_stages(profile, "badencoder", defense, "synth-cifar10", "synth-stl10")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_value_is_checked_even_where_it_takes_no_effect():
+    """A more specific key shadows defense.epochs for ft, and no mimic runs: both values are still typos."""
+    for sets in (("defense.epochs=1.5", "defense.ft.epochs=1"), ("defense.mimic.lr=0",),
+                 ("defense.momentum=2",), ("attack.drupe.epochs=-1",)):
+        with pytest.raises(ConfigError):
+            _load(*sets)
+    # a generic key fits one of the fields it names: inv_lr is a number in one defense, a triple in another
+    assert _load("defense.inv_lr=0.1") and _load("defense.inv_lr=[0.1, 0.1, 0.1]")
 
 
 def test_numbers_are_coerced_to_the_field_type():

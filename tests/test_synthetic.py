@@ -1,7 +1,15 @@
+import dataclasses
+import hashlib
+
+import pytest
 import torch
 
-from defbench.benchmark.datasets import FAMILIES, load_dataset
+from defbench.benchmark.datasets import FAMILIES, data_version, get_spec, load_dataset
 from defbench.benchmark.datasets import synthetic
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()
 
 
 def test_generation_is_deterministic_and_balanced():
@@ -12,6 +20,34 @@ def test_generation_is_deterministic_and_balanced():
     assert len(counts) == 10 and counts.max() - counts.min() <= 1
     train = synthetic.generate(spec, "train")
     assert not torch.equal(train.images[:100], a.images[:100])
+
+
+@pytest.mark.parametrize("name", list(synthetic.SETS))
+def test_same_bytes_twice_even_with_a_fresh_texture_bank(name):
+    small = dataclasses.replace(synthetic.SETS[name], sizes=(300, 300))
+    first = _digest(synthetic.generate(small, "train"))
+    synthetic.texture_bank.cache_clear()  # a new process draws the bank again, from the same seed
+    assert _digest(synthetic.generate(small, "train")) == first
+    assert _digest(synthetic.generate(small, "test")) != first
+
+
+def test_version_classes_targets_and_sizes():
+    assert synthetic.GENERATOR_VERSION == 5
+    expected = {"synth-cifar10": (10, 0, (20000, 4000)), "synth-stl10": (10, 9, (20000, 4000)),
+                "synth-gtsrb": (43, 12, (12900, 4300)), "synth-svhn": (10, 1, (12000, 4000))}
+    for name, (classes, target, sizes) in expected.items():
+        spec = synthetic.SETS[name]
+        make_templates, _ = synthetic._RENDER[spec.kind]
+        names, templates = make_templates()
+        assert len(names) == classes and templates.shape == (classes, 3, synthetic.RES, synthetic.RES)
+        assert spec.default_target == target and get_spec(name).default_target == target
+        assert spec.sizes == sizes
+        assert data_version(name) == "synthetic-v5"
+    # the two object sets share their classes (pre-training on one transfers to the other)
+    assert synthetic.object_templates()[0] == list(synthetic._OBJECT_PRIORS)
+    small = dataclasses.replace(synthetic.SETS["synth-gtsrb"], sizes=(430, 86))
+    counts = torch.bincount(synthetic.generate(small, "train").labels, minlength=43)
+    assert counts.min() == counts.max() == 10
 
 
 def test_family_mirrors_the_paper_roles(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...core import UserError
 from ...defenses import DETECTORS
 from ...encoders import RunContext
 from ..datasets import load_dataset
@@ -32,9 +33,13 @@ def detection_images(data: str, n: int, image_size: int, data_dir, seed: int, fr
     (0: no cap), the way the benchmark draws a defender's clean set.
     """
     images = load_dataset(data, "pretrain", data_dir, image_size).images
+    if n > len(images):
+        raise UserError(f"--images {n}: {data} has only {len(images)} images")
     if not n:
         n = max(2, round(fraction * len(images)))
         n = min(n, cap) if cap else n
+    if len(images) < 2:
+        raise UserError(f"{data} has {len(images)} image; a detector needs at least 2")
     if 0 < n < len(images):
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         images = images[pick.sort().values]

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ...core import UserError
 from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
 from ..pipeline.settings import Profile
 from ..pipeline.stages import Env
@@ -44,7 +45,7 @@ DEFAULT_FILE = Path("tests") / "golden" / "ci-small.csv"
 THREADS = 2
 
 
-class GoldenError(ValueError):
+class GoldenError(UserError):
     """The golden file is missing, unreadable or does not match the subset."""
 
 
@@ -56,7 +57,7 @@ def run_subset(profile: Profile, env: Env, workers: int = 1) -> pd.DataFrame:
     outcomes = run_grid(list(cells.values()), env, "local", workers)
     failed = [f"{o.stage.label}: {o.error}" for o in outcomes if o.status in ("failed", "skipped")]
     if failed:
-        raise RuntimeError("the regression subset did not finish: " + "; ".join(failed[:3]))
+        raise GoldenError("the regression subset did not finish: " + "; ".join(failed[:3]))
     rows = []
     for (attack, column, pretrain, task), stage in cells.items():
         result = env.store.read_meta(stage.kind, stage.key)["result"]
@@ -87,9 +88,13 @@ def write_golden(frame: pd.DataFrame, path: Path, seeds: list[int], device: str)
 def golden_seed(path: Path) -> int:
     """The seed the golden values were computed with (the ``# seed:`` header line; 0 if absent)."""
     if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.startswith("# seed:"):
-                return int(line.split(":")[1].split()[0])
+        try:
+            for line in path.read_text().splitlines():
+                if line.startswith("# seed:"):
+                    return int(line.split(":")[1].split()[0])
+        except (OSError, UnicodeDecodeError, ValueError, IndexError):
+            raise GoldenError(f"golden file {path}: cannot read its '# seed: N' line; restore it from git or rerun "
+                              "`defbench golden update`") from None
     return 0
 
 
@@ -98,7 +103,7 @@ def read_golden(path: Path) -> pd.DataFrame:
         raise GoldenError(f"no golden file at {path}; create it with `defbench golden update`")
     try:
         frame = pd.read_csv(path, comment="#")
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise GoldenError(f"golden file {path} is not a CSV ({exc}); restore it from git or rerun "
                           "`defbench golden update`") from None
     missing = {*KEY, *METRICS, *(f"tol_{m}" for m in METRICS)} - set(frame.columns)

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ...core import Registry
-from ...defenses import MEASUREMENTS
+from ...core import ConfigError, Registry, UserError
+from ...defenses import DEFENSES, MEASUREMENTS
 from ...reports import ablations as render
 from ..pipeline.plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
                              pretrain_stage)
@@ -49,8 +49,11 @@ class Study:
     name: str
     title: str
     paper: str  # where the paper shows it
-    arms: tuple[Arm, ...]
+    arms: tuple[Arm, ...] | Callable[[Profile], tuple[Arm, ...]]  # or built from the profile (budgets)
     render: Callable  # render(rows, asr_column, measurements) -> (figure, table, notes); reports/ablations.py
+
+    def arms_for(self, profile: Profile) -> tuple[Arm, ...]:
+        return self.arms(profile) if callable(self.arms) else self.arms
 
 
 def _sweep(field_name: str, values, sweep: str = "", fmt: str = "{}", **arm) -> tuple[Arm, ...]:
@@ -58,6 +61,46 @@ def _sweep(field_name: str, values, sweep: str = "", fmt: str = "{}", **arm) -> 
 
 
 CLEAN_RATIOS = (0.01, 0.02, 0.03, 0.04, 0.05)
+BUDGET_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the frontier: each defense's own budget times these
+
+
+def budget_fields(defense: str) -> tuple[str, ...]:
+    """The config fields that set how much a defense computes (declared at registration: ``budget=(...)``)."""
+    fields = tuple(DEFENSES.get(defense).options.get("budget", ()))
+    if not fields:
+        raise ConfigError(f"defense {defense} declares no budget (register_defense(..., budget=('epochs',))), "
+                          "so the frontier cannot scale it")
+    return fields
+
+
+def frontier_arms(profile: Profile) -> tuple[Arm, ...]:
+    """Every grid defense at BUDGET_SCALES times its own budget fields (integers, at least 1): only the
+    budget varies, nothing is selected by ASR."""
+    arms = []
+    for defense in profile.grid.defenses:
+        config = profile.defense_config(defense)
+        for scale in BUDGET_SCALES:
+            values = {f: max(1, round(getattr(config, f) * scale)) for f in budget_fields(defense)}
+            text = ", ".join(f"{f}={v}" for f, v in values.items())
+            arms.append(Arm(f"{defense} x{scale:g} ({text})", {f"defense.{defense}.{f}": v for f, v in values.items()},
+                            x=scale, sweep=defense, defenses=(defense,)))
+    return tuple(arms)
+
+def regime_arms(profile: Profile) -> tuple[Arm, ...]:
+    """The studied defense (MIMIC) one factor at a time around the profile's setting: its lr x10, the paper's
+    Eq. 6 attention term, 4x and 16x its epochs, twice the encoder width, three times the clean set."""
+    cfg = profile.defense_config(profile.studies.defense)
+    fraction = min(1.0, 3 * profile.clean.fraction)
+    return (
+        Arm("as profiled"),
+        Arm(f"lr {cfg.lr * 10:g}", {"defense.lr": cfg.lr * 10}),
+        Arm("Eq. 6 attention", {"defense.attention_form": "eq6"}),
+        Arm(f"{4 * cfg.epochs} epochs", {"defense.epochs": 4 * cfg.epochs}, x=4 * cfg.epochs),
+        Arm(f"{16 * cfg.epochs} epochs", {"defense.epochs": 16 * cfg.epochs}, x=16 * cfg.epochs),
+        Arm(f"width {2 * profile.encoder.width}", {"encoder.width": 2 * profile.encoder.width}),
+        Arm(f"clean x{fraction / profile.clean.fraction:g}", {"clean.fraction": fraction}),
+    )
+
 
 STUDIES: Registry[Study] = Registry("report")
 for _study in [
@@ -95,6 +138,10 @@ for _study in [
           ), render.adaptive),
     Study("cost", "Wall time of each defense, and how it grows with the clean-set size", "Section V (cost)",
           _sweep("clean.fraction", (0.01, 0.03, 0.05), fmt="{:.0%}", defenses=EVERY_DEFENSE), render.cost),
+    Study("frontier", "Efficacy against compute: each defense at 1/4 to 4 times its own budget",
+          "(this benchmark)", frontier_arms, render.frontier),
+    Study("mimic-regime", "MIMIC's regime, one factor at a time: lr, the attention term's form, epochs, encoder "
+          "width, clean-set size", "(this benchmark)", regime_arms, render.regime),
 ]:
     STUDIES.add(_study.name, _study)
 
@@ -120,9 +167,9 @@ class StudyPlan:
     @staticmethod
     def expected(stages: list[Stage]) -> list[dict]:
         """What the report needs from the results database: one label dict per row."""
-        keys = ("arm", "role", "defense", "attack", "overrides")
-        return [{**{k: s.labels.get(k) for k in keys}, "downstream": s.spec.get("downstream", s.labels.get("downstream")),
-                 "key": s.key} for s in stages]
+        keys = ("arm", "role", "defense", "attack", "overrides", "seed")
+        return [{**{k: s.labels.get(k) for k in keys},
+                 "downstream": s.spec.get("downstream", s.labels.get("downstream")), "key": s.key} for s in stages]
 
 
 def _label(stages, study: Study, arm: Arm) -> None:
@@ -133,11 +180,13 @@ def _label(stages, study: Study, arm: Arm) -> None:
 def plan_study(name: str, profile_name: str, sets: dict | None = None) -> StudyPlan:
     study = get_study(name)
     base = load_profile(profile_name, sets)
+    if not (base.studies.pretrain or base.grid.pretrain):
+        raise UserError("no pre-training set for the studies: set studies.pretrain or grid.pretrain")
     pretrain = base.studies.pretrain or base.grid.pretrain[0]
     tasks = downstream_tasks(pretrain, base.studies.downstream)
     evaluations: list[Stage] = []
     measurements: list[Stage] = []
-    for arm in study.arms:
+    for arm in study.arms_for(base):
         prof = load_profile(profile_name, {**(sets or {}), **arm.overrides})
         attack = arm.attack or base.studies.attack
         arm_stages: list[Stage] = []

@@ -40,8 +40,9 @@ def config(profile, attack, defense, pretrain, downstream, sets, seed, as_json):
         task = downstream or downstream_tasks(pretrain)[0]
         cell = cell_stages(prof, attack, defense, pretrain, task)
         undefended = cell["undefended"]
-        stages = {"pretrain": cell["clean"].deps[0].key, "attack": undefended.deps[0].key,
-                  "evaluate": undefended.key, **({"defend": cell["defended"].deps[0].key} if "defended" in cell else {})}
+        stages = {"pretrain": cell["clean"].deps[0].key, "attack": undefended.deps[0].key, "evaluate": undefended.key}
+        if "defended" in cell:
+            stages["defend"] = cell["defended"].deps[0].key
     rows = [{"key": k, "value": v, "source": src, "stage": FEEDS.get(k.split(".")[0], "")}
             for k, v, src in prof.explain(kinds)]
     if as_json:

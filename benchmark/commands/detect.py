@@ -7,6 +7,7 @@ trigger or ASR is involved.
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -20,7 +21,8 @@ from ..pipeline.plan import pretrain_stage
 from ..pipeline.scheduler import run_grid
 from ..pipeline.settings import load_profile
 from ..pipeline.stages import load_stage_encoder
-from .common import encoder_options, friendly_errors, names, open_env, profile_from_options
+from .common import (check_datasets, check_home, check_seed, encoder_options, friendly_errors, names, open_env,
+                     profile_from_options, where)
 
 
 @click.command()
@@ -40,7 +42,7 @@ from .common import encoder_options, friendly_errors, names, open_env, profile_f
 @click.option("--threshold", type=float, default=None,
               help="the decision threshold (default: the profile's calibrated value)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the image subset and the detector")
-@click.option("--restarts", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--restarts", type=click.IntRange(min=1, max=1000), default=3, show_default=True,
               help="runs from different random starts; the most backdoor-like score counts")
 @click.option("--calibrate", "calibrate_seeds", default="", metavar="SEEDS",
               help="instead of screening a file: calibrate the threshold on the profile's clean encoders of these "
@@ -56,6 +58,11 @@ def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, thre
     """Run a detector on an encoder and say whether it looks backdoored (or --calibrate its threshold)."""
     if n_images < 0 or n_images == 1:
         raise UserError(f"--images must be at least 2 (or 0 for the profile's clean-set size), got {n_images}")
+    check_seed(seed)
+    if threshold is not None and not math.isfinite(threshold):
+        raise UserError(f"--threshold must be a finite number, got {threshold}")
+    if not 0 <= quantile <= 1:  # click's FloatRange lets nan through
+        raise UserError(f"--quantile must be between 0 and 1, got {quantile}")
     found = DETECTORS.get(detector)
     prof = profile_from_options(profile, sets, None)
     cfg = prof.defense_config(found.defense)
@@ -67,8 +74,10 @@ def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, thre
     encoder, info = load_checkpoint(encoder_path, image_size=image_size, mean=mean, std=std)
     ctx = RunContext(device=pick_device(device)).reseed(seed)
     encoder = encoder.to(ctx.device).eval()
-    images = detection_images(data, n_images, encoder.config.image_size, paths.data_dir(data_dir), seed,
-                              prof.clean.fraction, prof.clean.max_images)
+    check_home(write=False)  # generated datasets are cached there (a read-only home with them cached is fine)
+    with where(f"cannot use DEFBENCH_HOME={paths.home()}", "point DEFBENCH_HOME at a writable folder"):
+        images = detection_images(data, n_images, encoder.config.image_size, paths.data_dir(data_dir), seed,
+                                  prof.clean.fraction, prof.clean.max_images)
     result = run_detection(detector, encoder, images, cfg, ctx, threshold, restarts)
     result.update(encoder=str(encoder_path), profile=prof.name, data=data,
                   checkpoint={k: info[k] for k in ("sha256", "layout", "arch", "image_size", "mean", "std", "sources")})
@@ -84,12 +93,17 @@ def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, thre
 
 def _calibrate(prof, found, cfg, seeds, data, n_images, data_dir, seed, restarts, quantile, device, as_json):
     try:
-        seed_list = [int(s) for s in seeds]
-    except ValueError:
+        seed_list = [check_seed(int(s), "--calibrate") for s in seeds]
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
         raise UserError(f"--calibrate expects comma-separated integer seeds, got {','.join(seeds)!r}") from None
-    env = open_env(prof, device, data_dir)
     pretrain = prof.grid.pretrain[0] if prof.grid.pretrain else data
     stages = [pretrain_stage(load_profile(prof.origin, {**prof.overrides, "seed": s}), pretrain) for s in seed_list]
+    env = open_env(prof, device, data_dir)
+    check_datasets(prof, env, pretrain, [], clean_set=False)
+    detection_images(data, n_images, prof.encoder.image_size, env.data_dir, seed, prof.clean.fraction,
+                     prof.clean.max_images)  # the images to invert on: checked before any encoder is trained
     outcomes = run_grid(stages, env)
     if any(o.status != "ran" and o.status != "cached" for o in outcomes):
         raise UserError("pre-training a clean encoder failed: " + "; ".join(o.error for o in outcomes if o.error))

@@ -1,6 +1,7 @@
 """``defbench golden check|update``: the regression subset (``make ci-small``) against tests/golden/ci-small.csv."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import click
 
 from ...core import UserError
 from ..analysis import golden as g
-from .common import friendly_errors, make_profile_env, names
+from .common import check_seed, check_writable_folder, friendly_errors, make_profile_env, names, where
 
 
 @click.group()
@@ -20,8 +21,8 @@ def _golden_options(fn):
     fn = click.option("--file", "golden_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="golden CSV (default: tests/golden/ci-small.csv)")(fn)
     fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")(fn)
-    fn = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                      help="parallel stages")(fn)
+    fn = click.option("--workers", type=click.IntRange(min=1, max=4 * (os.cpu_count() or 1)), default=1,
+                      show_default=True, help="parallel stages (processes)")(fn)
     return fn
 
 
@@ -48,16 +49,20 @@ def golden_check(golden_file, device, workers, show_all):
 def golden_update(golden_file, device, workers, seeds):
     """Deliberately rewrite the golden file (run the subset for every seed; tolerances from their spread)."""
     try:
-        seed_list = [int(s) for s in names(seeds, "--seeds")]
-    except ValueError:
+        seed_list = [check_seed(int(s), "--seeds") for s in names(seeds, "--seeds")]
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
         raise UserError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
     if not seed_list:
         raise UserError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    path = golden_file or g.DEFAULT_FILE
+    check_writable_folder(path.parent, "the golden file")
     runs = []
     for seed in seed_list:
         prof, env = make_profile_env("ci", (), seed, device, None, False)
         click.echo(f"golden: running the subset with seed {seed}")
         runs.append(g.run_subset(prof, env, workers))
-    path = golden_file or g.DEFAULT_FILE
-    g.write_golden(g.golden_frame(runs), path, seed_list, str(env.device))
+    with where(f"cannot write {path}"):
+        g.write_golden(g.golden_frame(runs), path, seed_list, str(env.device))
     click.echo(f"wrote {path} ({len(runs[0])} cells x ACC/ASR, seeds {seed_list})")

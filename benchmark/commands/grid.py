@@ -1,6 +1,7 @@
 """``defbench grid``: the attack x defense x pre-training x task grid of Table I, cached and resumable."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -11,7 +12,7 @@ from ...core import UserError
 from ...defenses import DEFENSES
 from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
 from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
-from .common import check_datasets, friendly_errors, make_profile_env, names, profile_options
+from .common import check_datasets, friendly_errors, names, open_env, profile_options
 
 
 def executor_options(fn):
@@ -29,16 +30,20 @@ def executor_options(fn):
 @click.option("--defenses", default="", help="comma-separated defenses (default: the profile's grid.defenses)")
 @click.option("--pretrain", "pretrain_sets", default="", help="comma-separated pre-training sets")
 @click.option("--downstream", default="", help="comma-separated tasks (default: each pre-training set's family)")
+@click.option("--seeds", default="", metavar="0,1,2", help="run the grid once per seed (stages are keyed by seed)")
 @click.option("--suspect", "suspect_specs", multiple=True, metavar="NAME=PATH[:TRIGGER[:TARGET]]",
               help="an external encoder checkpoint as a row group beside the attacks (repeatable); TRIGGER: "
                    "patch:SIZE or a file (.npz, .png with alpha); also [suspects] in a profile")
 @executor_options
 @profile_options
 @friendly_errors
-def grid(attacks, defenses, pretrain_sets, downstream, suspect_specs, executor, workers, profile, sets, seed,
+def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, executor, workers, profile, sets, seed,
          device, data_dir, verbose):
     """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
-    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    from .table import seed_profiles
+    check_workers(executor, workers)
+    profiles = seed_profiles(profile, sets, seed, seeds)
+    prof = profiles[0]
     suspects = profile_suspects(prof) + [resolve_suspect(name, **fields)
                                          for name, fields in map(parse_suspect, suspect_specs)]
     spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
@@ -57,24 +62,34 @@ def grid(attacks, defenses, pretrain_sets, downstream, suspect_specs, executor, 
         seen.add(suspect.name)
     for name in spec.defenses:
         DEFENSES.get(name)
-    cells = expand_grid(prof, spec)  # plans every stage: every setting is checked before anything runs
+    cells = {}  # plans every stage of every seed: every setting is checked before anything runs
+    for p in profiles:
+        cells.update({(*key, p.seed): stage for key, stage in expand_grid(p, spec).items()})
+    env = open_env(prof, device, data_dir, verbose)
     for pretrain in spec.pretrain:
-        per_task: dict[str, set] = {}
-        for key, stage in cells.items():
-            if key[2] == pretrain:
-                per_task.setdefault(key[3], set()).add(stage.spec["target"])
-        # the target most likely out of range per task (a suspect's may differ from the attacks'; None: no trigger)
-        targets = {task: (min(ts) if min(ts) < 0 else max(ts)) for task, found in per_task.items()
-                   if (ts := {t for t in found if t is not None})}
-        check_datasets(prof, env, pretrain, list(per_task), targets)
+        targets: dict[str, set[int]] = {}
+        for (_, _, cell_pretrain, task, _), stage in cells.items():
+            if cell_pretrain == pretrain:
+                found = targets.setdefault(task, set())
+                if stage.spec["target"] is not None:  # None: a suspect without a trigger (ACC only)
+                    found.add(stage.spec["target"])
+        check_datasets(prof, env, pretrain, list(targets), targets)
     outcomes = run_and_summarise(list(cells.values()), env, executor, workers, prof)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
 
+def check_workers(executor: str, workers: int) -> None:
+    """Local workers are processes, each holding a model and a copy of the data: beyond a few per core they
+    only exhaust memory."""
+    limit = 4 * (os.cpu_count() or 1)
+    if executor == "local" and workers > limit:
+        raise UserError(f"--workers {workers}: this machine has {os.cpu_count()} CPU cores; use at most {limit} "
+                        "local workers (or --executor submitit for jobs on a cluster)")
+
+
 def run_and_summarise(stages, env, executor, workers, prof):
     """Run ``stages`` with the chosen executor and print the summary; returns the outcomes."""
-    env.store.sweep_temporaries()
     started = time.perf_counter()
     outcomes = run_grid(stages, env, executor, workers,
                         slurm={"partition": prof.grid.slurm_partition, "gpus": prof.grid.slurm_gpus,

@@ -9,12 +9,14 @@ import click
 from ...reports import ablations
 from ...reports.tables import ReportError
 from ..analysis.studies import STUDIES, plan_study
-from .common import check_datasets, friendly_errors, make_profile_env, profile_options, where
-from .grid import executor_options, run_and_summarise
+from .common import check_datasets, check_writable_folder, friendly_errors, open_env, profile_options, where
+from .grid import check_workers, executor_options, run_and_summarise
+from .table import open_results, seed_profiles
 
 
 @click.command()
 @click.argument("name")
+@click.option("--seeds", default="", metavar="0,1,2", help="run and render over these seeds (mean ± sd, error bars)")
 @executor_options
 @click.option("--no-run", is_flag=True, help="only render from the results database (fail if results are missing)")
 @click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
@@ -22,28 +24,43 @@ from .grid import executor_options, run_and_summarise
               show_default=True, help="where the figures, tables and markdown go")
 @profile_options
 @friendly_errors
-def report(name, executor, workers, no_run, asr_convention, out_dir, profile, sets, seed, device, data_dir,
+def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, profile, sets, seed, device, data_dir,
            verbose):
     """Run one of the paper's studies (or `all`) through the grid runner and render its figure and table.
 
     Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
     adaptive, cost. `all` also writes OUT_DIR/ablations.md with every figure and its numbers."""
-    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    check_workers(executor, workers)
+    profiles = seed_profiles(profile, sets, seed, seeds)
+    prof = profiles[0]
     studies = STUDIES.names() if name == "all" else [STUDIES.get(name).name]
-    plans = [plan_study(n, profile, prof.overrides) for n in studies]
-    if not no_run:
-        for plan in plans:
-            check_datasets(prof, env, plan.pretrain, plan.tasks)
-        run_and_summarise([s for plan in plans for s in plan.stages], env, executor, workers, prof)
+    plans = {n: [plan_study(n, profile, p.overrides) for p in profiles] for n in studies}  # study -> one per seed
+    check_writable_folder(out_dir, "the report")  # before hours of compute, not after
+    if no_run:  # only reads: the database opened read-only, nothing else touched
+        db = open_results(prof.name)
+    else:
+        env = open_env(prof, device, data_dir, verbose)
+        db = env.db
+        for per_seed in plans.values():
+            targets: dict[str, set[int]] = {}
+            for plan in per_seed:
+                for stage in plan.evaluations:
+                    targets.setdefault(stage.spec["downstream"], set()).add(stage.spec["target"])
+            check_datasets(prof, env, per_seed[0].pretrain, per_seed[0].tasks, targets)
+        stages = [s for per_seed in plans.values() for plan in per_seed for s in plan.stages]
+        run_and_summarise(stages, env, executor, workers, prof)
     failures: dict[str, str] = {}
     sections = []
-    for plan in plans:
-        study = plan.study
+    seed_list = [p.seed for p in profiles]
+    for per_seed in plans.values():
+        study = per_seed[0].study
+        expected = [row for plan in per_seed for row in plan.expected(plan.evaluations)]
+        expected_measurements = [row for plan in per_seed for row in plan.expected(plan.measurements)]
         try:
-            with where(f"cannot read the results database {env.db.path}"):
-                evaluations, measurements = env.db.evaluations(study=study.name), env.db.measurements(study=study.name)
-            built = ablations.build(study, evaluations, measurements, plan.expected(plan.evaluations),
-                                    plan.expected(plan.measurements), prof.name, prof.seed, asr_convention)
+            with where(f"cannot read the results database {db.path}"):
+                evaluations, measurements = db.evaluations(study=study.name), db.measurements(study=study.name)
+            built = ablations.build(study, evaluations, measurements, expected, expected_measurements, prof.name,
+                                    seed_list, asr_convention)
         except ReportError as err:
             failures[study.name] = str(err)
             click.echo(f"defbench: {err}", err=True)  # the message names the study
@@ -53,7 +70,8 @@ def report(name, executor, workers, no_run, asr_convention, out_dir, profile, se
         sections.append(ablations.section(built))
         click.echo(f"report {study.name}: wrote {written['png']}, {written['svg']}, {written['md']}")
     if name == "all":
-        header = (f"# The paper's studies, profile {prof.name}, seed {prof.seed}\n\n"
+        seed_text = f"seed{'s' if len(seed_list) > 1 else ''} {', '.join(map(str, seed_list))}"
+        header = (f"# The paper's studies, profile {prof.name}, {seed_text}\n\n"
                   f"Rendered by `defbench report all --profile {prof.name}` from the results database; "
                   f"ASR convention: {ablations.ASR_NOTE[asr_convention]}. All numbers in %, times in seconds.")
         with where(f"cannot write into {out_dir}"):

@@ -14,31 +14,36 @@ from ..pipeline.plan import cell_stages, downstream_tasks
 from ..pipeline.scheduler import Outcome, run_grid
 from ..pipeline.settings import Profile
 from ..pipeline.stages import Env
-from .common import check_datasets, friendly_errors, make_profile_env, profile_options
+from ...core import UserError
+from ..pipeline.stages import StoreError
+from .common import check_datasets, friendly_errors, open_env, profile_from_options, profile_options
 
 
 @click.command()
 @click.option("--attack", default="badencoder", show_default=True)
 @click.option("--defense", default="ft", show_default=True)
 @click.option("--pretrain", default=None, help="pre-training set (default: the profile's first)")
-@click.option("--downstream", multiple=True, help="downstream task (repeatable; default: the pre-training set's family)")
+@click.option("--downstream", multiple=True,
+              help="downstream task (repeatable; default: the pre-training set's family)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
 @profile_options
 @friendly_errors
 def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, device, data_dir, verbose):
     """Run one benchmark cell: clean, undefended and defended ACC/ASR on each downstream task."""
-    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
+    prof = profile_from_options(profile, sets, seed)
     ATTACKS.get(attack)
     if defense != "none":
         DEFENSES.get(defense)
     if not (pretrain or prof.grid.pretrain):
-        raise click.UsageError("no pre-training set: name one with --pretrain (the profile's grid.pretrain is empty)")
+        raise UserError("no pre-training set: name one with --pretrain (the profile's grid.pretrain is empty)")
     pretrain = pretrain or prof.grid.pretrain[0]
     tasks = downstream_tasks(pretrain, downstream)
     per_task = {task: cell_stages(prof, attack, defense, pretrain, task) for task in tasks}  # plans = checks
-    check_datasets(prof, env, pretrain, tasks, {t: st["undefended"].spec["target"] for t, st in per_task.items()})
+    env = open_env(prof, device, data_dir, verbose)
+    check_datasets(prof, env, pretrain, tasks, {t: st["undefended"].spec["target"] for t, st in per_task.items()},
+                   clean_set=defense != "none")
     results, outcomes = run_cell(prof, env, attack, defense, pretrain, per_task)
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = [o for o in outcomes if o.status == "failed"]  # each said in one line on stderr as it failed
     if as_json:
         click.echo(json.dumps({"profile": prof.name, "device": str(env.device), "seed": prof.seed,
                                "results": results,
@@ -47,8 +52,6 @@ def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, dev
     else:
         click.echo(format_cell_table(results, prof, attack, defense, pretrain, outcomes))
     if failed:
-        for o in failed:
-            click.echo(f"defbench: stage failed: {o.stage.label}: {o.error}", err=True)
         sys.exit(1)
 
 
@@ -58,7 +61,13 @@ def _json_number(value):
 
 def _metrics(env: Env, stage) -> dict | None:
     path = env.store.path(stage.kind, stage.key) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"cannot read the stored result {path} ({type(err).__name__}); delete the folder "
+                         f"{path.parent} and rerun to recompute it") from None
 
 
 def _meta(env: Env, stage) -> dict:

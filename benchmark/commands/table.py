@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+import pandas as pd
 
 from ...core import UserError
 from ...defenses import DEFENSES
@@ -15,7 +16,7 @@ from ..pipeline.external import Suspect, planned_suspect_key
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
 from ..pipeline.settings import parse_sets
-from .common import friendly_errors, names, profile_from_options, where
+from .common import check_writable_folder, friendly_errors, names, profile_from_options, where
 
 
 def open_results(profile: str) -> ResultsDB:
@@ -69,6 +70,8 @@ def planned_key(prof, suspects: dict[str, Suspect], attack, defense, role, pretr
 @click.argument("name", type=click.Choice(["table1", "cost"]))
 @click.option("--profile", default="tiny", show_default=True)
 @click.option("--seed", type=int, default=None, help="rows of this seed (default: the profile's)")
+@click.option("--seeds", default="", metavar="0,1,2",
+              help="rows of each of these seeds: cells show mean ± sd, and a best only where it is separated")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="rows computed with these overrides")
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
 @click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
@@ -76,32 +79,59 @@ def planned_key(prof, suspects: dict[str, Suspect], attack, defense, role, pretr
 @click.option("--defenses", default="", help="comma-separated columns (default: the profile's grid + any others found)")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write here instead of stdout")
 @friendly_errors
-def table(name, profile, seed, sets, fmt, asr_convention, compare_paper, defenses, output):
+def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, defenses, output):
     """Render Table I (or the defense cost table) from the results database."""
-    prof = profile_from_options(profile, sets, seed)
+    profiles = seed_profiles(profile, sets, seed, seeds)
+    prof = profiles[0]
     chosen = names(defenses, "--defenses")
+    if output:
+        check_writable_folder(Path(output).parent, "the table")
     db = open_results(prof.name)
     with where(f"cannot read the results database {db.path}"):
         found = db.evaluations(profile=prof.name)
     found = found[found.role.isin(TABLE1_ROLES)]  # not `defbench evaluate`'s rows, nor a study's other roles
     suspects = suspects_in_rows(found)
-    rows, stale = tables.select_rows(found, prof.seed, functools.partial(planned_key, prof, suspects))
+    per_seed, stale = [], 0
+    for p in profiles:
+        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_key, p, suspects))
+        per_seed.append(rows)
+        stale += left_out
+    every = pd.concat(per_seed, ignore_index=True)
     for defense in chosen:
-        if defense not in DEFENSES and defense not in set(rows.defense):
+        if defense not in DEFENSES and defense not in set(every.defense):
             raise UserError(f"--defenses: {defense!r} is neither a registered defense nor in the results; "
                             f"known: {', '.join(DEFENSES.names())}")
     notes = [tables.stale_note(stale, prof.name)] if stale else []
+    seed_text = ", ".join(str(p.seed) for p in profiles)
     if name == "cost":
-        text = tables.render_cost(tables.cost_table(rows), fmt, notes)
+        text = tables.render_cost(tables.cost_table(every), fmt, notes)
     else:
         columns = chosen or list(prof.grid.defenses) + sorted(
-            set(rows[rows.role == "defended"].defense) - set(prof.grid.defenses))
-        frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
+            set(every[every.role == "defended"].defense) - set(prof.grid.defenses))
+        frames = []
+        for rows in per_seed:
+            frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
+            frames.append(frame)
+        mean, sd = tables.combine_seeds(frames)
         table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
-                        if name in set(rows.attack)]
-        title = f"Table I, profile {prof.name}, seed {prof.seed}: ACC / ASR (%)"
-        text = tables.render(frame, columns, fmt, table_notes + notes, title)
+                        if name in set(every.attack)]
+        title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
+        text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(profiles))
     write_output(text, output)
 
 
-__all__ = ["table", "open_results", "write_output", "parse_sets"]
+def seed_profiles(profile: str, sets, seed: int | None, seeds: str) -> list:
+    """The profile once per seed of ``--seeds`` (or once, with ``--seed`` or the profile's own seed)."""
+    chosen = names(seeds, "--seeds")
+    if chosen and seed is not None:
+        raise UserError("give --seed or --seeds, not both")
+    try:
+        seed_list = [int(s) for s in chosen] or [seed]
+    except ValueError:
+        raise UserError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    if len(set(seed_list)) != len(seed_list):
+        raise UserError(f"--seeds names a seed twice: {seeds!r}")
+    return [profile_from_options(profile, sets, s) for s in seed_list]
+
+
+__all__ = ["table", "open_results", "write_output", "parse_sets", "seed_profiles"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ...core import Registry, UserError
 
 SPLITS = ("pretrain", "train", "test")
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a larger label is a stray value, not a class
 
 
 class DatasetError(UserError):
@@ -39,7 +40,9 @@ class ImageSet:
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes) if self.classes else int(self.labels.max().item()) + 1
+        if self.classes:
+            return len(self.classes)
+        return int(self.labels.max().item()) + 1 if len(self.labels) else 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -114,10 +117,35 @@ def data_version(name: str) -> str:
 
 
 def load_dataset(name: str, split: str, data_dir: str | Path, image_size: int) -> ImageSet:
+    """One split of a dataset, checked: images present, labels integers in range (see :func:`check_labels`)."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     spec = get_spec(name)
     _, sep, path = name.partition(":")
     if sep and spec.name in ("npz", "folder"):
-        return spec.load(split=split, data_dir=Path(path), image_size=image_size)
-    return spec.load(split=split, data_dir=Path(data_dir), image_size=image_size)
+        data = spec.load(split=split, data_dir=Path(path), image_size=image_size)
+    else:
+        data = spec.load(split=split, data_dir=Path(data_dir), image_size=image_size)
+    check_labels(data, split)
+    return data
+
+
+def check_labels(data: ImageSet, split: str) -> None:
+    """A split with images whose labels are integers in 0..classes-1 (-1, "no label", only for pre-training)."""
+    where = f"{data.name} ({split} split)"
+    if len(data) == 0:
+        raise DatasetError(f"{where}: holds no images")
+    labels = data.labels
+    if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise DatasetError(f"{where}: labels must be N integers, got {tuple(labels.shape)} {labels.dtype}")
+    lowest, highest = int(labels.min()), int(labels.max())
+    floor = -1 if split == "pretrain" else 0
+    if lowest < floor:
+        need = "" if split == "pretrain" else " (every train and test image needs one)"
+        raise DatasetError(f"{where}: has label {lowest}; labels must be class indices 0, 1, ...{need}")
+    if data.classes and highest >= len(data.classes):
+        raise DatasetError(f"{where}: has label {highest} but only {len(data.classes)} classes "
+                           f"(0..{len(data.classes) - 1})")
+    if highest >= MAX_CLASSES:  # the probe gets one output per class index up to the largest
+        raise DatasetError(f"{where}: has label {highest}; labels must be class indices 0..K-1 with K at most "
+                           f"{MAX_CLASSES:,} (renumber them)")

@@ -11,12 +11,23 @@ Layouts under the data directory DATA (``--data-dir`` / ``DEFBENCH_DATA``):
 Files that exist are accepted as they are (torchvision would md5 every file,
 rejecting re-saved copies); md5 is only checked on the archives it downloads.
 Downloads are tried only when files are missing and ``DEFBENCH_OFFLINE`` is not 1.
+
+No file is trusted to hold only data: CIFAR-10's batches are pickles, and
+``pickle.load`` (what torchvision uses) runs whatever code a pickle names, so
+they are read here by :func:`read_cifar_pickle`, which admits only the objects
+the format holds (dicts, lists, strings, numbers and numpy arrays) and refuses
+anything else before it is built. STL-10 is raw bytes (``np.fromfile``), SVHN
+a MATLAB file (``scipy.io.loadmat`` builds arrays only), GTSRB images and a
+CSV; the decoded-GTSRB cache is read with ``torch.load(weights_only=True)``.
+Every split is then checked by ``base.load_dataset`` (images present, labels
+in range).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +41,98 @@ from .base import DatasetError, DatasetSpec, ImageSet, register_dataset, resize_
 _MEMO: dict[tuple, ImageSet] = {}
 
 
-class _CIFAR10(tvd.CIFAR10):
-    # check_integrity(path, None) only tests that the file exists; tgz_md5 still guards downloads.
+class _NotData(pickle.UnpicklingError):
+    """A pickle that names a Python object outside the admitted data types."""
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickled numpy array needs, under the module names NumPy 1 and 2 write."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1.x
+        from numpy.core import multiarray
+    admitted = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        admitted[(module, "_reconstruct")] = multiarray._reconstruct
+        admitted[(module, "scalar")] = multiarray.scalar
+    # protocol-2 pickles written by Python 3 spell a bytes object as _codecs.encode(text, "latin1")
+    admitted[("_codecs", "encode")] = _latin1_encode
+    return admitted
+
+
+def _latin1_encode(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso-8859-1"):
+        raise _NotData(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain containers, strings, numbers and numpy arrays, and nothing else: a
+    pickle naming any other global (``os.system``, a class...) is refused before anything is called."""
+    ADMITTED = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        found = self.ADMITTED.get((module, name))
+        if found is None:
+            raise _NotData(f"it names the Python object {module}.{name}, not data")
+        return found
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    """One CIFAR batch or meta file, read without running code; a DatasetError says what is wrong."""
+    try:
+        raw = path.read_bytes()
+        entry = _DataUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except _NotData as err:
+        raise DatasetError(f"cifar10: refused to read {path}: {err} (a CIFAR-10 batch holds only arrays and "
+                           "lists); replace the file with the published one") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated, not a pickle...
+        raise DatasetError(f"cifar10: could not read the files in {path.parent} ({path.name}: "
+                           f"{type(err).__name__}: {_one_line(err)})") from None
+    if not isinstance(entry, dict):
+        raise DatasetError(f"cifar10: {path} holds a {type(entry).__name__}, not a CIFAR-10 dictionary")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    entry = read_cifar_pickle(path)
+    data = entry.get("data")
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = f"{getattr(data, 'shape', None)} {getattr(data, 'dtype', type(data).__name__)}"
+        raise DatasetError(f"cifar10: {path} has no 'data' array of N x 3072 uint8 (got {shape})")
+    if isinstance(labels, np.ndarray):
+        labels = labels.tolist()
+    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        raise DatasetError(f"cifar10: {path} has no 'labels' list of integers")
+    if len(labels) != len(data):
+        raise DatasetError(f"cifar10: {path} has {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+class _CIFAR10:
+    """CIFAR-10's python layout, read with :func:`read_cifar_pickle` (torchvision's class only downloads)."""
+    base_folder = tvd.CIFAR10.base_folder
     train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
     test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
     meta = {**tvd.CIFAR10.meta, "md5": None}
+
+    def __init__(self, root: str, train: bool = True, download: bool = False):
+        folder = Path(root) / self.base_folder
+        if download:  # md5 of the archive checked by torchvision; the extracted files replace any present
+            tvd.cifar.download_and_extract_archive(tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename,
+                                                   md5=tvd.CIFAR10.tgz_md5)
+        batches = [_cifar_batch(folder / f) for f, _ in (self.train_list if train else self.test_list)]
+        self.data = np.vstack([b[0] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.targets = [label for b in batches for label in b[1]]
+        meta = read_cifar_pickle(folder / self.meta["filename"])
+        classes = meta.get(self.meta["key"])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise DatasetError(f"cifar10: {folder / self.meta['filename']} has no list of class names "
+                               f"{self.meta['key']!r}")
+        self.classes = classes
 
 
 class _STL10(tvd.STL10):
@@ -65,12 +163,14 @@ def _open(name: str, cls, root: Path, base: Path, expected: list[str], **kwargs)
             raise DatasetError(f"{where}; DEFBENCH_OFFLINE=1 so no download was tried; {fix}")
         try:
             return cls(str(root), download=True, **kwargs)
+        except DatasetError:
+            raise
         except Exception as e:  # URLError, HTTP errors, bad archives, md5 mismatch...
             raise DatasetError(f"{where}; download failed ({type(e).__name__}: {_one_line(e)}); "
                                f"{fix}") from None
     try:
         return cls(str(root), download=False, **kwargs)
-    except MemoryError:
+    except (MemoryError, DatasetError):
         raise
     except Exception as e:
         raise DatasetError(f"{name}: could not read the files in {base} "
@@ -144,9 +244,9 @@ def _gtsrb_cache(source: Path, part: str, image_size: int) -> Path:
 
 
 def _save_atomic(obj, path: Path) -> None:
+    """Temp file + rename; the temp file is ``.NAME.PID.tmp``, which start-up sweeps once PID is gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

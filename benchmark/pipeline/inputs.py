@@ -15,7 +15,7 @@ import torch
 
 from ...attacks import AttackInputs, trigger_from_description
 from ...encoders import Encoder, SimCLRConfig, build_encoder
-from ..datasets import ImageSet, load_dataset
+from ..datasets import DatasetError, ImageSet, load_dataset
 
 
 def subsample(n: int, cap: int, seed: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def attack_inputs(data_dir: Path, spec: dict, clean_encoder: Encoder | None) -> 
     task = load_dataset(spec["downstream"], "train", data_dir, size)
     targets = task.images[task.of_class(spec["target"])]
     if len(targets) == 0:
-        raise ValueError(f"{spec['downstream']} has no training images of target class {spec['target']}; "
+        raise DatasetError(f"{spec['downstream']} has no training images of target class {spec['target']}; "
                          "set attack.target to a class it has")
     return AttackInputs(encoder_config=build_encoder(spec["encoder"]).config, pretrain_images=shadow.images,
                         target_images=targets, trigger=trigger_from_description(spec["trigger"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...attacks import ATTACKS
-from ...core import RegistryError
+from ...core import ConfigError, RegistryError, UserError
 from ..datasets import FAMILIES, data_version, get_spec
 from .settings import Profile
 from .stages import Stage
@@ -21,8 +21,8 @@ def downstream_tasks(pretrain: str, requested: list[str] | tuple[str, ...] = ())
         return list(requested)
     if pretrain not in FAMILIES:
         get_spec(pretrain)  # an unknown name gets the registry's "unknown dataset" message first
-        raise ValueError(f"no default downstream tasks for pre-training set {pretrain!r}; "
-                         "name them with --downstream")
+        raise UserError(f"no default downstream tasks for pre-training set {pretrain!r}; "
+                        "name them with --downstream")
     return [task for task, _ in FAMILIES[pretrain]]
 
 
@@ -51,9 +51,13 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
     component = ATTACKS.get(attack)
     cfg = profile.attack_config(attack)
     clean = pretrain_stage(profile, pretrain)
+    try:
+        trigger = cfg.make_trigger(profile.encoder.image_size).describe()
+    except (ValueError, TypeError) as err:  # a trigger that does not fit the image: a setting, said up front
+        raise ConfigError(f"attack.{attack}: {err}") from None
     spec = {"attack": attack, "config": dataclasses.asdict(cfg), "pretrain": pretrain, "downstream": downstream,
             "target": target_class(pretrain, downstream, cfg.target),
-            "trigger": cfg.make_trigger(profile.encoder.image_size).describe(),
+            "trigger": trigger,
             "encoder": clean.spec["encoder"], "recipe": clean.spec["recipe"],
             "max_images": clean.spec["max_images"], "seed": profile.seed,
             "data": {pretrain: data_version(pretrain), downstream: data_version(downstream)}}
@@ -77,7 +81,7 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
     clean = clean_set_spec(profile, pretrain, image_size, clean_size)
     if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
         if encoder.kind != "attack":
-            raise ValueError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
+            raise ConfigError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
         clean.update(poison_ratio=profile.clean.poison_ratio, trigger=encoder.spec["trigger"])
     spec = {"defense": defense, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
     where = encoder.labels.get("label", encoder.name)

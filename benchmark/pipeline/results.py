@@ -8,6 +8,7 @@ computed stage (what it was, how long it took, what it recorded).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -50,7 +51,8 @@ EVAL_COLUMNS = ["row_key", "eval_key", "encoder_key", "profile", "overrides", "s
                 "encoder_seconds", "eval_seconds", "device", "code_version", "config", "extra", "created_at",
                 "study", "arm", "sweep", "x"]
 MEASUREMENT_COLUMNS = ["row_key", "stage_key", "name", "study", "arm", "profile", "overrides", "seed", "attack",
-                       "defense", "pretrain", "downstream", "role", "result", "seconds", "device", "code_version", "created_at"]
+                       "defense", "pretrain", "downstream", "role", "result", "seconds", "device", "code_version",
+                       "created_at"]
 # columns added after the first release: (table, column, type), added to older databases on open
 ADDED_COLUMNS = [("evaluations", "study", "TEXT"), ("evaluations", "arm", "TEXT"), ("evaluations", "sweep", "TEXT"),
                  ("evaluations", "x", "REAL")]
@@ -65,14 +67,19 @@ class ResultsDB:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self._immutable = False
         if readonly:
             if not self.path.is_file():
                 raise FileNotFoundError(2, "no results database here yet", str(self.path))
-            with self._connect() as con:
-                con.execute("SELECT count(*) FROM evaluations").fetchone()  # fails on a file of another kind
+            try:
+                self._probe()
+            except sqlite3.OperationalError:
+                # a WAL database in a folder we cannot write (no -shm file to create): read it as immutable
+                self._immutable = True
+                self._probe()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
+        with self._session() as con:
             con.executescript(SCHEMA)
             for table, column, kind in ADDED_COLUMNS:
                 present = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
@@ -81,10 +88,33 @@ class ResultsDB:
                         con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                     except sqlite3.OperationalError:  # another process added it first
                         pass
+        con = self._connect()
+        try:  # SQLite opens a write-protected file read-only without a word: fail now, not at the first row
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE defbench_write_probe (x)")
+        finally:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            con.close()
+
+    def _probe(self) -> None:
+        with self._session() as con:
+            con.execute("SELECT count(*) FROM evaluations").fetchone()  # fails on a file of another kind
+
+    @contextlib.contextmanager
+    def _session(self):
+        """A connection for one transaction, closed afterwards (the last close removes the -wal/-shm files)."""
+        con = self._connect()
+        try:
+            with con:
+                yield con
+        finally:
+            con.close()
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
-            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=120)
+            flags = "mode=ro&immutable=1" if self._immutable else "mode=ro"
+            return sqlite3.connect(f"{self.path.resolve().as_uri()}?{flags}", uri=True, timeout=120)
         con = sqlite3.connect(self.path, timeout=120)
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA busy_timeout=120000")
@@ -95,7 +125,7 @@ class ResultsDB:
                for k, v in row.items()}
         row.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         values = [row.get(c) for c in columns]
-        with self._connect() as con:
+        with self._session() as con:
             con.execute(f"INSERT OR REPLACE INTO {table} ({','.join(columns)}) "
                         f"VALUES ({','.join('?' * len(columns))})", values)
 

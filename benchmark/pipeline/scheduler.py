@@ -18,8 +18,12 @@ artifact is never recomputed, and all workers write to the one SQLite file.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -123,10 +127,34 @@ def expand_grid(profile: Profile, spec: GridSpec) -> dict[tuple, Stage]:
 # ------------------------------------------------------------------ workers
 
 _WORKER_DEVICE: torch.device | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(devices, threads: int) -> None:
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Make this process end when process ``parent`` does (a killed ``defbench grid`` must not leave workers
+    holding gigabytes at PPID 1): on Linux the kernel sends SIGTERM at the parent's death
+    (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread exits once the parent is gone (the process is
+    re-parented, so ``getppid`` changes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl here: the thread below still watches
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(devices, threads: int, parent: int | None = None) -> None:
     global _WORKER_DEVICE
+    if parent is not None:
+        exit_with_parent(parent)
     index = devices.get()
     _WORKER_DEVICE = torch.device(index)
     torch.set_num_threads(threads)
@@ -209,7 +237,7 @@ class _Scheduler:
         self.bar.update(1)
         self.bar.set_postfix_str(f"{outcome.status} {outcome.stage.label}"[:70])
         if outcome.status == "failed":
-            log.error("failed: %s: %s", outcome.stage.label, outcome.error)
+            log.error("defbench: stage failed: %s: %s", outcome.stage.label, outcome.error)
         else:
             log.info("%-7s %s (%.0f s) [%d/%d]", outcome.status, outcome.stage.label, outcome.seconds,
                      len(self.done), self.total)
@@ -264,7 +292,7 @@ def _run_pool(sched: _Scheduler, env: Env, workers: int) -> None:
         devices.put(device)
     threads = max(1, (os.cpu_count() or 1) // workers) if env.device.type == "cpu" else 2
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(devices, threads)) as pool:
+                             initargs=(devices, threads, os.getpid())) as pool:
         def poll(handles: list[Future]):
             finished, _ = wait(handles, return_when=FIRST_COMPLETED)
             for future in finished:

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from ...attacks import ATTACKS
 from ...core import ComponentRegistry, ConfigError, build_config, coerce
+from ...core.config import check_range, field_types
 from ...defenses import DEFENSES
 from ...encoders import EncoderConfig, SimCLRConfig
 from .keys import canonical_json  # noqa: F401  (re-exported: older imports)
@@ -32,6 +35,8 @@ from .keys import canonical_json  # noqa: F401  (re-exported: older imports)
 DEFAULT_SOURCE = "paper default"
 SET_SOURCE = "--set"
 MAX_SEED = 2**63 - 1  # SQLite's integer range
+MAX_WIDTH = 65_536  # layer sizes: beyond this a model does not fit any accelerator; surely a typo
+MAX_ENCODER = {"width": 1024, "image_size": 1024, "proj_hidden": MAX_WIDTH, "proj_dim": MAX_WIDTH}
 
 
 @dataclass
@@ -62,8 +67,8 @@ class EvalSettings:
     feature_batch: int = 512
 
     def validate(self):
-        if min(self.hidden) < 1:
-            raise ValueError(f"evaluate.hidden must be positive sizes, got {list(self.hidden)}")
+        if min(self.hidden) < 1 or max(self.hidden) > MAX_WIDTH:
+            raise ValueError(f"evaluate.hidden must be sizes between 1 and {MAX_WIDTH:,}, got {list(self.hidden)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"evaluate.dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
@@ -185,7 +190,10 @@ def _read_toml(name_or_path: str, relative_to: Path | None = None) -> tuple[str,
             path = relative_to / path
         if not path.is_file():
             raise ConfigError(f"profile file not found: {path}")
-        text, name, source = path.read_text(), path.stem, f"profile file {path}"
+        try:
+            text, name, source = path.read_text(), path.stem, f"profile file {path}"
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read the profile file {path}: {getattr(err, 'strerror', None) or err}") from None
     else:
         if name_or_path not in builtin_profiles():
             close = difflib.get_close_matches(name_or_path, builtin_profiles(), n=2)
@@ -262,27 +270,42 @@ def _unknown_key(key: str) -> str:
     return f"unknown setting {key!r}{hint} (see `defbench list settings`)"
 
 
-def _check_component_key(key: str, source: str) -> None:
+def _check_component_key(key: str, value, source: str) -> None:
+    """A component key names a field, and its value fits that field's type and range (for a generic key, in one
+    of the components that have the field), also where a more specific key or another component running
+    leaves it unused: a typo is an error even in a setting that does not take effect."""
     kind, *rest = key.split(".")
     registry = COMPONENTS[kind]
     if len(rest) == 1:  # attack.FIELD: whichever attack runs
-        if not any(rest[0] in c.config_fields() for c in registry.items()):
+        owners = [c for c in registry.items() if rest[0] in c.config_fields()]
+        if not owners:
             raise ConfigError(_unknown_key(key))
     elif len(rest) == 2:
-        if rest[1] not in registry.get(rest[0]).config_fields():
+        owners = [registry.get(rest[0])]
+        if rest[1] not in owners[0].config_fields():
             raise ConfigError(_unknown_key(key))
     else:
         raise ConfigError(f"{source}: {key!r} should be {kind}.FIELD or {kind}.NAME.FIELD")
+    errors = []
+    for component in owners:  # a generic key must fit at least one owner (fields may differ in type)
+        try:
+            checked = coerce(key, value, field_types(component.config)[rest[-1]])
+            for item in (checked if isinstance(checked, (list, tuple)) else (checked,)):
+                check_range(key, rest[-1], item)
+            return
+        except ConfigError as err:
+            errors.append(err)
+    raise errors[0]
 
 
-def _check_key(key: str, source: str) -> None:
+def _check_key(key: str, value, source: str) -> None:
     head = key.split(".")[0]
     if head == SUSPECTS:
         if key.count(".") != 1 or not key.split(".")[1]:
             raise ConfigError(f"{source}: {key!r} should be suspects.NAME")
         return
     if head in COMPONENTS:
-        _check_component_key(key, source)
+        _check_component_key(key, value, source)
     elif key in TOP_LEVEL or key == "name":
         return
     elif head in SECTIONS and key.count(".") == 1:
@@ -319,9 +342,9 @@ def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = No
     layers.append(Layer(SET_SOURCE, dict(sets or {})))
     for layer in layers:
         for key in layer.values:
-            _check_key(key, layer.source)
-    profile = Profile(name=chain[0][0], chain=[name for name, _, _ in chain], layers=layers,
-                      builtin_chain=[name for name, source, _ in reversed(chain) if not source.startswith("profile file")],
+            _check_key(key, layer.values[key], layer.source)
+    builtins = [name for name, source, _ in reversed(chain) if not source.startswith("profile file")]
+    profile = Profile(name=chain[0][0], chain=[name for name, _, _ in chain], layers=layers, builtin_chain=builtins,
                       origin=name_or_path)
     values: dict[str, object] = {}
     for layer in layers:
@@ -341,6 +364,12 @@ def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = No
         raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {profile.seed}")
     for section, cls in SECTIONS.items():
         own = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(section + ".")}
+        if section == "encoder" and own.get("precision") == "auto":  # the paper profile: bf16 on GPUs
+            own["precision"] = "bf16" if torch.cuda.is_available() else "fp32"
+            profile.sources["encoder.precision"] += " (auto: bf16 where CUDA is available, else fp32)"
         setattr(profile, section, build_config(cls, own, section))
+    for name, limit in MAX_ENCODER.items():  # ResNet-18 at width 64 is the paper's; 1024 is 256 times its size
+        if getattr(profile.encoder, name) > limit:
+            raise ConfigError(f"encoder.{name} must be at most {limit:,}, got {getattr(profile.encoder, name)}")
     profile.overrides = dict(sorted((sets or {}).items()))
     return profile

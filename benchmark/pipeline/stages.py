@@ -44,7 +44,7 @@ from . import inputs
 from .keys import code_version, digest
 from .results import ResultsDB
 from .settings import EvalSettings
-from .store import ArtifactStore
+from .store import ArtifactStore, StoreError
 
 ENCODER_KINDS = ("pretrain", "attack", "defend", "import")
 # Part of every key: bump it when the way stages are seeded changes, so no artifact made under
@@ -106,7 +106,13 @@ class Env:
 
 
 def load_stage_encoder(env: Env, stage: Stage) -> Encoder:
-    return load_encoder(env.store.path(stage.kind, stage.key) / "encoder.pt")
+    """The encoder a finished stage stored; a damaged file is a StoreError naming the folder to delete."""
+    folder = env.store.path(stage.kind, stage.key)
+    try:
+        return load_encoder(folder / "encoder.pt")
+    except CheckpointError as err:
+        raise StoreError(f"the stored encoder of {stage.label} cannot be read ({err}); delete the folder {folder} "
+                         "(or run `defbench clean --stale`) and rerun to recompute it") from None
 
 
 # ----------------------------------------------------------------- finiteness

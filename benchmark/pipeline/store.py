@@ -4,6 +4,13 @@ A folder appears under its final name only once complete (written to a
 temporary sibling, then renamed), so a reader never sees half an artifact and
 an interrupted stage leaves nothing but a temporary folder to sweep. A lock
 file per key keeps two workers from computing the same stage at once.
+
+Temporaries of killed processes are swept at start-up (``commands.common.open_env``):
+the store's ``.tmp-KEY-HOST-PID-XXXXXX`` folders when PID is gone on this host,
+and every ``.NAME.PID.tmp`` file (dataset caches, checkpoints) under a folder
+given to :func:`sweep_stale_files` when PID is gone and the file has not been
+touched for a minute. :meth:`ArtifactStore.damaged` finds artifacts whose files
+are cut short (``defbench clean --stale`` removes them).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import shutil
 import socket
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -99,23 +107,76 @@ class ArtifactStore:
 
     def sweep_temporaries(self) -> int:
         """Remove temporary folders of killed workers on this host (their PID is gone); returns how many."""
-        count, host = 0, socket.gethostname()
+        return len(self.stale_temporaries(remove=True))
+
+    def stale_temporaries(self, remove: bool = False) -> list[Path]:
+        """The temporary folders of killed workers on this host (removed when ``remove``)."""
+        found, host = [], socket.gethostname()
         for tmp in self.root.glob("*/*/.tmp-*"):
             match = _TMP_NAME.match(tmp.name)
             if match and match["host"] == host and not _alive(int(match["pid"])):
-                shutil.rmtree(tmp, ignore_errors=True)
-                count += 1
-        return count
+                found.append(tmp)
+                if remove:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return found
+
+    def damaged(self) -> list[Path]:
+        """Artifact folders that cannot be read back: an unreadable meta.json, or a ``.pt`` file cut short
+        (a torch file is a zip archive, whose directory sits at its end)."""
+        bad = []
+        for meta in self.root.glob("*/*/*/meta.json"):
+            folder = meta.parent
+            if folder.name.startswith("."):
+                continue
+            try:
+                json.loads(meta.read_text())
+                for tensor_file in folder.glob("*.pt"):
+                    with zipfile.ZipFile(tensor_file) as archive:
+                        archive.infolist()
+            except (OSError, ValueError, zipfile.BadZipFile):
+                bad.append(folder)
+        return bad
 
 
 _TMP_NAME = re.compile(r"^\.tmp-(?P<key>[0-9a-f]+)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{6}$")
+_TMP_FILE = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")
+STALE_AFTER_S = 60  # a temporary file untouched this long whose PID is gone is left over (no host in its name)
+
+
+def stale_files(folder: Path) -> list[Path]:
+    """``.NAME.PID.tmp`` files under ``folder`` whose PID is gone and that have not changed for a minute."""
+    found, now = [], time.time()
+    if not Path(folder).is_dir():
+        return found
+    for path in Path(folder).rglob(".*.tmp"):
+        if any(part.startswith(".tmp-") for part in path.relative_to(folder).parts[:-1]):
+            continue  # inside a stage's temporary folder: swept with it
+        match = _TMP_FILE.match(path.name)
+        try:
+            old = now - path.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if match and path.is_file() and old and not _alive(int(match["pid"])):
+            found.append(path)
+    return found
+
+
+def sweep_stale_files(folder: Path) -> int:
+    """Remove :func:`stale_files`; returns how many."""
+    found = stale_files(folder)
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return len(found)
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id: keep the file
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True

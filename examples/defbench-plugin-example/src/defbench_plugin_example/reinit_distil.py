@@ -117,7 +117,8 @@ def reinit_distil(encoder, clean, cfg: ReinitDistilConfig, ctx):
     with torch.no_grad():  # how close the student ends to the suspect on clean images (label-free)
         x = to_float(clean.images[:512], ctx.device)
         student.eval()
-        ctx.record("clean_cosine_to_suspect", F.cosine_similarity(student.features(x), teacher.features(x)).mean().item())
+        cosine = F.cosine_similarity(student.features(x), teacher.features(x)).mean().item()
+        ctx.record("clean_cosine_to_suspect", cosine)
     for p in student.parameters():
         p.requires_grad_(True)
     return student.eval()

@@ -1,0 +1,86 @@
+"""Results with their spread: several seeds give mean ± sd, a best is marked only when it is separated, and
+study figures and tables carry the spread."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from defbench.benchmark.analysis.studies import plan_study
+from defbench.benchmark.pipeline.results import ResultsDB
+from defbench.benchmark.pipeline.scheduler import expand_grid, grid_spec
+from defbench.benchmark.pipeline.settings import load_profile
+from defbench.reports import ablations, tables
+
+
+def _rows(seed: int, values: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """Evaluation rows of one Table I cell: {column: (acc, asr)}, 'undefended' or a defense."""
+    out = []
+    for column, (acc, asr) in values.items():
+        role = "undefended" if column == "undefended" else "defended"
+        out.append({"attack": "badencoder", "pretrain": "synth-cifar10", "downstream": "synth-stl10", "role": role,
+                    "defense": "none" if role == "undefended" else column, "acc": acc, "asr_all": asr,
+                    "asr_excl": asr, "seed": seed})
+    return pd.DataFrame(out)
+
+
+def _render(per_seed: list[pd.DataFrame]) -> str:
+    frames = [tables.table1(rows, ["ft", "mimic"])[0] for rows in per_seed]
+    mean, sd = tables.combine_seeds(frames)
+    return tables.render(mean, ["ft", "mimic"], "md", [], "t", sd, len(per_seed))
+
+
+def test_several_seeds_give_mean_and_sd_and_a_separated_best_is_bold():
+    per_seed = [_rows(s, {"undefended": (70, 99), "ft": (70 + s, 50 + s), "mimic": (60, 10 + s)}) for s in (0, 1, 2)]
+    text = _render(per_seed)
+    assert "71.00 ± 1.00" in text and "**11.00 ± 1.00**" in text  # ft ACC; mimic's ASR is separated: bold
+    assert "**71.00 ± 1.00**" in text  # ft's ACC beats mimic's 60 by more than the spreads
+    assert "only where it beats the runner-up" in text
+
+
+def test_a_best_within_the_spread_is_not_bold():
+    per_seed = [_rows(s, {"undefended": (70, 99), "ft": (70 + 2 * s, 20 + 10 * s), "mimic": (71, 25 - 5 * s)})
+                for s in (0, 1, 2)]
+    text = _render(per_seed)
+    assert "30.00 ± 10.00" in text and "20.00 ± 5.00" in text
+    # ASR 20 ± 5 vs 30 ± 10, ACC 72 ± 2 vs 71 ± 0: neither gap exceeds the spreads
+    assert "**" not in text.split("\n\n- ")[0]
+
+
+def test_one_seed_marks_no_best_and_says_why():
+    text = _render([_rows(0, {"undefended": (70, 99), "ft": (72, 50), "mimic": (60, 10)})])
+    table = text.split("\n\n- ")[0]
+    assert "**" not in table and "±" not in table and "with one seed there is no spread" in text
+
+
+def test_grid_plans_each_seed_as_its_own_stages():
+    spec = grid_spec(load_profile("ci"), ["badencoder"], ["ft"], ["synth-cifar10"], ["synth-stl10"])
+    keys = [set(s.key for s in expand_grid(load_profile("ci", {"seed": seed}), spec).values()) for seed in (0, 1)]
+    assert keys[0] and not keys[0] & keys[1]
+
+
+def test_a_study_over_seeds_draws_error_bars_and_lists_the_spread(tmp_path):
+    db = ResultsDB(tmp_path / "results.sqlite")
+    rng = np.random.default_rng(0)
+    plans = [plan_study("components", "ci", {"seed": seed}) for seed in (0, 1, 2)]
+    for seed, plan in zip((0, 1, 2), plans):
+        for i, stage in enumerate(plan.evaluations):
+            lab = stage.labels
+            db.add_evaluation({"row_key": f"{seed}-{i}", "eval_key": stage.key, "encoder_key": "e",
+                               "profile": lab["profile"], "overrides": lab["overrides"], "seed": lab["seed"],
+                               "attack": lab["attack"], "defense": lab["defense"], "role": lab["role"],
+                               "pretrain": lab["pretrain"], "downstream": stage.spec["downstream"], "target": 1,
+                               "acc": float(rng.uniform(50, 80)), "asr_all": float(rng.uniform(0, 100)),
+                               "asr_excl": 0.0, "n_test": 10, "encoder_seconds": 1.0,
+                               **{k: lab.get(k) for k in ("study", "arm", "sweep", "x")}})
+    expected = [row for plan in plans for row in plan.expected(plan.evaluations)]
+    report = ablations.build(plans[0].study, db.evaluations(study="components"), db.measurements(study="components"),
+                             expected, [], "ci", [0, 1, 2])
+    assert {"ACC sd", "ASR sd"} <= set(report.table.columns)
+    rows = db.evaluations(study="components")
+    wo_l0 = rows[(rows.arm == "w/o L0") & (rows.role == "defended")].sort_values("seed")
+    row = report.table.set_index("variant").loc["w/o L0"]
+    assert row["ASR"] == pytest.approx(wo_l0.asr_all.mean()) and row["ASR sd"] == pytest.approx(wo_l0.asr_all.std())
+    assert any(len(c.lines) for c in report.figure.axes[0].containers if hasattr(c, "lines"))  # error bars drawn
+    fourth = plan_study("components", "ci", {"seed": 3})
+    with pytest.raises(ablations.ReportError, match="--seeds 0,1,2,3"):  # the missing seed's rows: how to get them
+        ablations.build(plans[0].study, rows, db.measurements(study="components"),
+                        expected + fourth.expected(fourth.evaluations), [], "ci", [0, 1, 2, 3])
