@@ -398,3 +398,13 @@ def test_suspects_from_the_command_line_and_from_a_profile(files, tmp_path, monk
     assert defended.spec["trigger"] is None and defended.spec["target"] is None
     bad = _cli("grid", "--profile", "ci", "--suspect", "badencoder=own.pt", "--attacks", "none")
     assert bad.exit_code != 0 and "is taken" in bad.output, bad.output
+
+
+def test_detect_screens_any_layout_and_says_how_it_read_it(files):
+    result = _cli("detect", "--encoder", files["torchvision"], "--image-size", 32, "--profile", "ci", "--images", 16,
+                  "--restarts", 1, "--set", "defense.decree.inv_max_steps=2",
+                  "--set", "defense.decree.inv_batch_size=16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = _lines(result)
+    assert "decree score" in lines[0] and "torchvision layout, tv-resnet18 at 32 px" in lines[0], result.output
+    assert lines[-1].startswith("verdict: ")
