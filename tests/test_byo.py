@@ -224,13 +224,16 @@ def _bad_files(files: dict[str, Path], folder: Path) -> dict[str, tuple[Path, st
     save_safetensors({"conv1.weight": torch.zeros(64, 3, 7, 7)}, folder / "cut.safetensors")
     (folder / "cut.safetensors").write_bytes((folder / "cut.safetensors").read_bytes()[:-header * 8])
     out["truncated-safetensors"] = (folder / "cut.safetensors", "runs past the end of the file")
+    out["missing"] = (folder / "nowhere.pth", "checkpoint not found")
     return out
 
 
-@pytest.mark.parametrize("kind", ["pickle", "truncated", "architecture", "shape", "nan", "truncated-safetensors"])
-def test_bad_files_end_in_one_line_and_write_nothing(files, kind, tmp_path):
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "architecture", "shape", "nan", "truncated-safetensors",
+                                  "missing"])
+def test_bad_files_end_in_one_line_and_write_nothing(files, kind, tmp_path, monkeypatch):
     path, expected = _bad_files(files, tmp_path)[kind]
     out = tmp_path / "out.pth"
+    monkeypatch.setenv("DEFBENCH_HOME", str(tmp_path / "home"))  # refused before the state folder is made
     for command in (["defend", "--encoder", path, "--defense", "ft", "--clean", PRETRAIN, "-o", out],
                     ["evaluate", "--encoder", path, "--downstream", TASK],
                     ["detect", "--encoder", path]):
@@ -239,9 +242,32 @@ def test_bad_files_end_in_one_line_and_write_nothing(files, kind, tmp_path):
         lines = _lines(result)
         assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("defbench: error:"), result.output
     assert not out.exists() and not out.with_name(out.name + ".json").exists()
-    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "home").exists()
     if kind == "architecture":  # what it expected, and the nearest key it found
         assert "'conv1.weight'" in lines[0] and "'f.f.0.weight'" in lines[0] and "features." in lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["defend", "--defense", "nosuch", "--clean", PRETRAIN, "-o", "OUT"], "nosuch"),
+    (["defend", "--defense", "ft", "--clean", "nosuch-data", "-o", "OUT"], "nosuch-data"),
+    (["defend", "--defense", "ft", "--clean", PRETRAIN, "-o", "SOURCE"], "is the input file"),
+    (["defend", "--defense", "ft", "--clean", PRETRAIN, "-o", "BLOCKED/out.pth"], "cannot write the defended"),
+    (["evaluate", "--downstream", "nosuch-data"], "nosuch-data"),
+    (["evaluate", "--downstream", TASK, "--trigger", "nosuch"], "neither patch[:SIZE] nor an existing file"),
+    (["evaluate", "--downstream", TASK, "--target", "3"], "--target needs --trigger"),
+    (["evaluate", "--downstream", TASK, "--trigger", "patch:10", "--target", "99"], "not a class of"),
+    (["detect", "--detector", "nosuch"], "nosuch"),
+])
+def test_unknown_names_and_bad_options_end_in_one_line(files, args, expected, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    swap = {"OUT": tmp_path / "out.pth", "SOURCE": files["defbench"], "BLOCKED/out.pth": blocked / "out.pth"}
+    args = [swap.get(a, a) for a in args]
+    result = _cli(args[0], "--encoder", files["defbench"], *args[1:], "--profile", "ci", "--device", "cpu")
+    assert result.exit_code != 0, result.output
+    lines = _lines(result)
+    assert len(lines) == 1 and lines[0].startswith("defbench: error:") and expected in lines[0], result.output
+    assert not (tmp_path / "out.pth").exists()
 
 
 # ----------------------------------------------------------------- triggers

@@ -27,8 +27,8 @@ from ..pipeline.external import import_stage
 from ..pipeline.plan import defend_stage
 from ..pipeline.scheduler import run_grid
 from ..pipeline.stages import load_stage_encoder
-from .common import (encoder_options, format_value, friendly_errors, open_env, profile_from_options,
-                     profile_options, where)
+from .common import (check_writable_folder, encoder_options, format_value, friendly_errors, open_env,
+                     profile_from_options, profile_options, where)
 
 
 def defbench_version() -> str:
@@ -64,6 +64,7 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
     if out.resolve() == source.resolve():
         raise UserError(f"-o {out} is the input file; write the defended encoder somewhere else")
     _, info = load_checkpoint(source, image_size=image_size, mean=mean, std=std)  # every check, before anything
+    check_writable_folder(out.resolve().parent, "the defended encoder")
     env = open_env(prof, device, data_dir, verbose)
     load_dataset(clean_data, "pretrain", env.data_dir, info["image_size"])  # a missing dataset fails here
     stage = defend_stage(prof, component.name, import_stage(source, info), clean_data,

@@ -22,7 +22,7 @@ from ..datasets import load_dataset
 from ..pipeline.external import Suspect, import_stage
 from ..pipeline.plan import evaluate_stage, target_class
 from ..pipeline.scheduler import run_grid
-from .common import encoder_options, friendly_errors, make_profile_env, profile_options
+from .common import encoder_options, friendly_errors, open_env, profile_from_options, profile_options
 
 
 def _number(value):
@@ -45,12 +45,13 @@ def _number(value):
 def evaluate(encoder_path, downstream, trigger, target, as_json, image_size, mean, std, profile, sets, seed,
              device, data_dir, verbose):
     """ACC (and ASR with --trigger) of any encoder checkpoint, with the benchmark's probe and settings."""
-    prof, env = make_profile_env(profile, sets, seed, device, data_dir, verbose)
-    _, info = load_checkpoint(encoder_path, image_size=image_size, mean=mean, std=std)
+    prof = profile_from_options(profile, sets, seed)
+    if target is not None and not trigger:
+        raise UserError("--target needs --trigger (the ASR is measured with a trigger)")
+    _, info = load_checkpoint(encoder_path, image_size=image_size, mean=mean, std=std)  # every check, first
     size = info["image_size"]
     stamped = load_trigger(trigger, size) if trigger else None
-    if stamped is None and target is not None:
-        raise UserError("--target needs --trigger (the ASR is measured with a trigger)")
+    env = open_env(prof, device, data_dir, verbose)
     if stamped is not None and target is None:
         target = target_class("", downstream, -1)
     train = load_dataset(downstream, "train", env.data_dir, size)
