@@ -347,6 +347,17 @@ def test_evaluate_on_a_grid_encoder_gives_the_grids_numbers(ci_env, ci_stages, t
     assert json.loads(clean_only.output)["acc"] == mine["acc"] and json.loads(clean_only.output)["asr"] is None
 
 
+def test_a_torchvision_state_dict_evaluates(files):
+    result = _cli("evaluate", "--encoder", files["torchvision"], "--image-size", 32, "--downstream", TASK,
+                  "--trigger", "patch:10", "--target", 1, "--profile", "ci", *_sets(EVAL), "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert (found["layout"], found["arch"], found["image_size"], found["n_test"]) == ("torchvision", "tv-resnet18", 32,
+                                                                                    200)
+    assert found["sources"]["image_size"] == "given" and found["sources"]["mean"] == "torchvision layout default"
+    assert 0 < found["acc"] <= 100 and 0 <= found["asr"] <= 100
+
+
 # ----------------------------------------------------------------- the grid's external suspects
 
 _TO_RELEASE = {"conv1": "f.f.0", "bn1": "f.f.1", "layer1": "f.f.3", "layer2": "f.f.4", "layer3": "f.f.5",
@@ -363,6 +374,34 @@ def _as_release(encoder) -> dict:
         else:
             out["g." + key[len("head."):]] = value
     return out
+
+
+@pytest.mark.slow
+def test_defending_a_published_backdoored_encoder_lowers_its_asr(ci_env, ci_stages, tmp_path):
+    """The ci fixture's BadEncoder encoder saved in the release layout (a published checkpoint stand-in), its
+    trigger as a release .npz: `defbench defend` (FT at ci; it sees the file and clean images only) writes a
+    release-layout file whose ASR `defbench evaluate` (ci's probe) measures well below the undefended one.
+    Measured: ASR excluding the target 68.42 undefended, 46.62 after FT (ACC 42.33 -> 45.83)."""
+    suspect = ci_stages[1]
+    encoder = load_checkpoint(ci_env.store.path("attack", suspect.key) / "encoder.pt")[0]
+    torch.save({"epoch": 1, "state_dict": _as_release(encoder)}, tmp_path / "published.pth")
+    trigger = _release_trigger(tmp_path / "trigger.npz")
+    out = tmp_path / "defended.pth"
+    defended = _cli("defend", "--encoder", tmp_path / "published.pth", "--defense", "ft", "--clean", PRETRAIN,
+                    "--profile", "ci", "--device", "cpu", "-o", out)
+    assert defended.exit_code == 0, defended.output
+    assert list(torch.load(out, weights_only=True)["state_dict"]) == list(_as_release(encoder))
+    found = {}
+    for name in ("published.pth", "defended.pth"):
+        result = _cli("evaluate", "--encoder", tmp_path / name, "--downstream", TASK, "--trigger", trigger,
+                      "--target", suspect.spec["target"], "--profile", "ci", "--device", "cpu", "--json")
+        assert result.exit_code == 0, result.output
+        found[name] = json.loads(result.output)
+    before, after = found["published.pth"], found["defended.pth"]
+    assert before["layout"] == after["layout"] == "badencoder"
+    assert before["asr_excl_target"] > 50, before  # the backdoor is there to remove
+    assert after["asr_excl_target"] < before["asr_excl_target"] - 10, (before, after)
+    assert after["acc"] > before["acc"] - 10, (before, after)
 
 
 def test_suspect_adds_a_row_group_to_table1(tmp_path, monkeypatch):
