@@ -13,7 +13,10 @@ never need to know the normalisation constants. It offers
 
 A new architecture plugs in by registering a backbone factory in
 ``ARCHITECTURES``; the backbone must expose ``forward_stages`` (returning the
-stages and ``"feature"``), ``feature_dim`` and ``stage_names``.
+stages and ``"feature"``), ``feature_dim`` and ``stage_names``. Registered:
+``resnet18`` (the CIFAR variant of the papers, any width) and ``tv-resnet18``
+/ ``34`` / ``50`` / ``101`` / ``152`` (torchvision's ImageNet-stem ResNets,
+width 64, what plain torchvision state dicts load into).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..core import ConfigError, Registry
 from .resnet import STAGE_NAMES, ResNet18Backbone, projection_head
+from .tvresnet import DEPTHS as TORCHVISION_DEPTHS, TorchvisionResNet
 
 PRECISIONS = ("fp32", "bf16")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -82,8 +86,19 @@ def _resnet18(config: EncoderConfig) -> nn.Module:
     return backbone
 
 
+def _torchvision_resnet(depth: int) -> Callable[[EncoderConfig], nn.Module]:
+    def build(config: EncoderConfig) -> nn.Module:
+        if config.width != 64:
+            raise ConfigError(f"tv-resnet{depth} has torchvision's fixed width 64, got encoder.width={config.width}")
+        return TorchvisionResNet(depth)
+    build.__qualname__ = f"tv-resnet{depth}"
+    return build
+
+
 ARCHITECTURES: Registry[Callable[[EncoderConfig], nn.Module]] = Registry("encoder architecture")
 ARCHITECTURES.add("resnet18", _resnet18)
+for _depth in TORCHVISION_DEPTHS:
+    ARCHITECTURES.add(f"tv-resnet{_depth}", _torchvision_resnet(_depth))
 
 
 class Encoder(nn.Module):

@@ -12,7 +12,9 @@ from .check_data import check_data
 from .clean import clean
 from .common import fail
 from .config import config
+from .defend import defend
 from .detect import detect
+from .evaluate import evaluate
 from .golden import golden
 from .grid import grid
 from .listing import list_
@@ -63,7 +65,7 @@ def main():
     """defbench: backdoor defenses for self-supervised image encoders, compared on one footing."""
 
 
-for _command in (run, grid, table, report, golden, config, detect, check_data, clean, list_):
+for _command in (run, grid, table, report, golden, config, defend, evaluate, detect, check_data, clean, list_):
     main.add_command(_command)
 
 __all__ = ["main"]

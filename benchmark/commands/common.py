@@ -148,6 +148,49 @@ def check_home(write: bool = True) -> Path:
     return home
 
 
+def _three_floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3:
+        raise click.BadParameter(f"expects three comma-separated numbers (R,G,B), got {value!r}")
+    return numbers
+
+
+def encoder_options(fn):
+    """--image-size/--mean/--std: how to read a checkpoint that does not record them (the file's own values win
+    otherwise: a flag given here overrides the file)."""
+    options = [
+        click.option("--image-size", type=click.IntRange(min=8), default=None,
+                     help="input size of the encoder (default: the file's, else 32 for CIFAR-stem layouts, 224 for "
+                          "torchvision's)"),
+        click.option("--mean", default=None, callback=_three_floats, metavar="R,G,B",
+                     help="normalisation mean (default: the file's, else CIFAR-10's or ImageNet's by layout)"),
+        click.option("--std", default=None, callback=_three_floats, metavar="R,G,B", help="normalisation std"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def format_value(value) -> str:
+    """A recorded value on one line: numbers to 4 significant digits, long lists summarised."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        if len(value) <= 8:
+            return "[" + ", ".join(format_value(v) for v in value) + "]"
+        return f"{len(value)} values: {format_value(value[0])} ... {format_value(value[-1])}"
+    return str(value)
+
+
 def make_profile_env(profile, sets, seed, device, data_dir, verbose):
     prof = profile_from_options(profile, sets, seed)
     return prof, open_env(prof, device, data_dir, verbose)

@@ -13,20 +13,22 @@ import click
 
 from ...core import UserError
 from ...defenses import DETECTORS
-from ...encoders import RunContext, load_encoder, pick_device
+from ...encoders import RunContext, pick_device
+from ...encoders.checkpoints import load_checkpoint
 from .. import paths
 from ..analysis.detect import DEFAULT_DATA, calibrate, detection_images, run_detection
 from ..pipeline.plan import pretrain_stage
 from ..pipeline.scheduler import run_grid
 from ..pipeline.settings import load_profile
 from ..pipeline.stages import load_stage_encoder
-from .common import (check_datasets, check_home, check_seed, friendly_errors, names, open_env, profile_from_options,
-                     where)
+from .common import (check_datasets, check_home, check_seed, encoder_options, friendly_errors, names, open_env,
+                     profile_from_options, where)
 
 
 @click.command()
 @click.option("--encoder", "encoder_path", default=None, metavar="PATH",
-              help="encoder checkpoint (defbench format or the BadEncoder/MIMIC release layout)")
+              help="encoder checkpoint: defbench, BadEncoder/MIMIC-release or torchvision ResNet (.pt or "
+                   ".safetensors)")
 @click.option("--detector", default="decree", show_default=True, help="a registered detector (defbench list detectors)")
 @click.option("--profile", default="tiny", show_default=True,
               help="whose detector settings (budget, threshold): paper, tiny, ci or a .toml path")
@@ -49,9 +51,10 @@ from .common import (check_datasets, check_home, check_seed, friendly_errors, na
               help="with --calibrate: the share of clean encoders' scores below the threshold")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@encoder_options
 @friendly_errors
 def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, threshold, seed, restarts,
-           calibrate_seeds, quantile, device, as_json):
+           calibrate_seeds, quantile, device, as_json, image_size, mean, std):
     """Run a detector on an encoder and say whether it looks backdoored (or --calibrate its threshold)."""
     if n_images < 0 or n_images == 1:
         raise UserError(f"--images must be at least 2 (or 0 for the profile's clean-set size), got {n_images}")
@@ -68,20 +71,22 @@ def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, thre
                           restarts, quantile, device, as_json)
     if not encoder_path:
         raise UserError("give --encoder PATH (or --calibrate SEEDS to calibrate the threshold)")
+    encoder, info = load_checkpoint(encoder_path, image_size=image_size, mean=mean, std=std)
     ctx = RunContext(device=pick_device(device)).reseed(seed)
-    encoder = load_encoder(encoder_path).to(ctx.device).eval()
+    encoder = encoder.to(ctx.device).eval()
     check_home(write=False)  # generated datasets are cached there (a read-only home with them cached is fine)
     with where(f"cannot use DEFBENCH_HOME={paths.home()}", "point DEFBENCH_HOME at a writable folder"):
         images = detection_images(data, n_images, encoder.config.image_size, paths.data_dir(data_dir), seed,
                                   prof.clean.fraction, prof.clean.max_images)
     result = run_detection(detector, encoder, images, cfg, ctx, threshold, restarts)
-    result.update(encoder=str(encoder_path), profile=prof.name, data=data)
+    result.update(encoder=str(encoder_path), profile=prof.name, data=data,
+                  checkpoint={k: info[k] for k in ("sha256", "layout", "arch", "image_size", "mean", "std", "sources")})
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
     click.echo(f"{encoder_path}: {detector} score {result['score']:.4f} (most backdoor-like of "
-               f"{len(result['restarts'])} starts: {result['restarts']}; {len(images)} {data} images, "
-               f"{result['seconds']:.1f} s)")
+               f"{len(result['restarts'])} starts: {result['restarts']}; {len(images)} {data} images; "
+               f"{info['layout']} layout, {info['arch']} at {info['image_size']} px; {result['seconds']:.1f} s)")
     below = result["score"] < result["threshold"]
     click.echo(f"verdict: {result['verdict']} (score {'<' if below else '>='} threshold {result['threshold']:g})")
 

@@ -11,6 +11,7 @@ from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
 from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
 from .common import check_datasets, friendly_errors, names, open_env, profile_options
 
 
@@ -24,28 +25,41 @@ def executor_options(fn):
 
 
 @click.command()
-@click.option("--attacks", default="", help="comma-separated attacks (default: the profile's grid.attacks)")
+@click.option("--attacks", default="", help="comma-separated attacks (default: the profile's grid.attacks; none: only "
+                                            "the --suspect encoders)")
 @click.option("--defenses", default="", help="comma-separated defenses (default: the profile's grid.defenses)")
 @click.option("--pretrain", "pretrain_sets", default="", help="comma-separated pre-training sets")
 @click.option("--downstream", default="", help="comma-separated tasks (default: each pre-training set's family)")
 @click.option("--seeds", default="", metavar="0,1,2", help="run the grid once per seed (stages are keyed by seed)")
+@click.option("--suspect", "suspect_specs", multiple=True, metavar="NAME=PATH[:TRIGGER[:TARGET]]",
+              help="an external encoder checkpoint as a row group beside the attacks (repeatable); TRIGGER: "
+                   "patch:SIZE or a file (.npz, .png with alpha); also [suspects] in a profile")
 @executor_options
 @profile_options
 @friendly_errors
-def grid(attacks, defenses, pretrain_sets, downstream, seeds, executor, workers, profile, sets, seed, device,
-         data_dir, verbose):
+def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, executor, workers, profile, sets, seed,
+         device, data_dir, verbose):
     """Run the attack x defense x pre-training x task grid; finished stages are skipped."""
     from .table import seed_profiles
     check_workers(executor, workers)
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]
+    suspects = profile_suspects(prof) + [resolve_suspect(name, **fields)
+                                         for name, fields in map(parse_suspect, suspect_specs)]
     spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
-                     names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"))
-    for what, items in (("attacks", spec.attacks), ("defenses", spec.defenses), ("pretrain", spec.pretrain)):
+                     names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"), suspects)
+    for what, items in (("attacks", spec.attacks or spec.suspects), ("defenses", spec.defenses),
+                        ("pretrain", spec.pretrain)):
         if not items:
             raise UserError(f"no {what} to run: give --{what} or set grid.{what} in the profile")
     for name in spec.attacks:
         ATTACKS.get(name)
+    seen = set(spec.attacks) | set(ATTACKS.names())
+    for suspect in spec.suspects:
+        if suspect.name in seen:
+            raise UserError(f"suspect name {suspect.name!r} is taken (an attack or another suspect); "
+                            "name each suspect differently")
+        seen.add(suspect.name)
     for name in spec.defenses:
         DEFENSES.get(name)
     cells = {}  # plans every stage of every seed: every setting is checked before anything runs
@@ -56,7 +70,9 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, executor, workers,
         targets: dict[str, set[int]] = {}
         for (_, _, cell_pretrain, task, _), stage in cells.items():
             if cell_pretrain == pretrain:
-                targets.setdefault(task, set()).add(stage.spec["target"])
+                found = targets.setdefault(task, set())
+                if stage.spec["target"] is not None:  # None: a suspect without a trigger (ACC only)
+                    found.add(stage.spec["target"])
         check_datasets(prof, env, pretrain, list(targets), targets)
     outcomes = run_and_summarise(list(cells.values()), env, executor, workers, prof)
     if any(o.status == "failed" for o in outcomes):

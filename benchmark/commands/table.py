@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
@@ -11,6 +12,7 @@ from ...core import UserError
 from ...defenses import DEFENSES
 from ...reports import tables
 from .. import paths
+from ..pipeline.external import Suspect, planned_suspect_key
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
 from ..pipeline.settings import parse_sets
@@ -37,6 +39,33 @@ def write_output(text: str, output: str | None) -> None:
     click.echo(f"wrote {output}")
 
 
+TABLE1_ROLES = ("clean", "undefended", "defended")
+
+
+def suspects_in_rows(rows) -> dict[str, Suspect]:
+    """The external encoders (``defbench grid --suspect`` / ``[suspects]``) behind ``rows``, by name: the newest
+    record of each (a name given to another file since then makes the older rows stale)."""
+    found: dict[str, Suspect] = {}
+    for _, row in rows.sort_values("created_at").iterrows():
+        try:
+            record = json.loads(row.extra or "{}").get("suspect")
+        except (TypeError, ValueError):
+            record = None
+        if record:
+            try:
+                found[row.attack] = Suspect.from_record(record)
+            except (KeyError, TypeError):
+                continue
+    return found
+
+
+def planned_key(prof, suspects: dict[str, Suspect], attack, defense, role, pretrain, downstream) -> str | None:
+    """The key today's code gives a Table I row: a built-in cell's, or an external suspect's (from its record)."""
+    if attack in suspects:
+        return planned_suspect_key(prof, suspects[attack], defense, role, pretrain, downstream)
+    return planned_evaluation_key(prof, attack, defense, role, pretrain, downstream)
+
+
 @click.command()
 @click.argument("name", type=click.Choice(["table1", "cost"]))
 @click.option("--profile", default="tiny", show_default=True)
@@ -60,9 +89,11 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
     db = open_results(prof.name)
     with where(f"cannot read the results database {db.path}"):
         found = db.evaluations(profile=prof.name)
+    found = found[found.role.isin(TABLE1_ROLES)]  # not `defbench evaluate`'s rows, nor a study's other roles
+    suspects = suspects_in_rows(found)
     per_seed, stale = [], 0
     for p in profiles:
-        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_evaluation_key, p))
+        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_key, p, suspects))
         per_seed.append(rows)
         stale += left_out
     every = pd.concat(per_seed, ignore_index=True)
@@ -82,6 +113,8 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
             frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
             frames.append(frame)
         mean, sd = tables.combine_seeds(frames)
+        table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
+                        if name in set(every.attack)]
         title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
         text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(profiles))
     write_output(text, output)

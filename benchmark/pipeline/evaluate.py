@@ -7,16 +7,43 @@ trained on clean training features with shuffled batches (the reference code
 forgot to shuffle). ACC is clean test accuracy; ASR is the fraction of
 trigger-stamped test images classified as the target, stored both over all
 test images (the papers' convention) and excluding the target class's own
-images (the stricter one).
+images (the stricter one); without a trigger only ACC is measured.
+
+The probe's random numbers (initialisation, batch order, dropout) come from
+:func:`probe_seed`: the task, the evaluation settings, the profile's seed and
+the encoder's weights. Equal weights give equal numbers wherever they come
+from (a grid stage or a user's file); the trigger and target play no part,
+since the probe never sees a triggered image.
 """
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...encoders import Encoder, RunContext, to_float
+from .keys import digest
 from .settings import EvalSettings
+
+
+def weights_digest(encoder: Encoder) -> str:
+    """sha256 of what determines the encoder's features: its config (less the projection head's sizes) and its
+    backbone's weights and buffers."""
+    h = hashlib.sha256(digest({k: v for k, v in encoder.config.to_dict().items()
+                               if k not in ("proj_hidden", "proj_dim")}).encode())
+    for name, tensor in sorted(encoder.backbone.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def probe_seed(spec: dict, encoder: Encoder) -> int:
+    """The probe's seed for an evaluate stage's ``spec``: the task, settings and profile seed, and the weights."""
+    task = {k: spec[k] for k in ("downstream", "data", "image_size", "eval", "seed")}
+    return int(digest({"task": task, "weights": weights_digest(encoder)})[:8], 16) % (2**31)
 
 
 @torch.no_grad()
@@ -62,8 +89,12 @@ def predict(probe: nn.Module, features: torch.Tensor, device) -> torch.Tensor:
     return torch.cat([probe(chunk.to(device)).argmax(1).cpu() for chunk in features.split(4096)])
 
 
-def score(pred_clean: torch.Tensor, pred_triggered: torch.Tensor, labels: torch.Tensor, target: int) -> dict:
-    """ACC and both ASR conventions, in percent."""
+def score(pred_clean: torch.Tensor, pred_triggered: torch.Tensor | None, labels: torch.Tensor,
+          target: int | None) -> dict:
+    """ACC and both ASR conventions, in percent (ASR NaN without triggered predictions)."""
+    if pred_triggered is None:
+        return {"acc": 100.0 * (pred_clean == labels).float().mean().item(), "asr_all": float("nan"),
+                "asr_excl": float("nan"), "n_test": int(len(labels))}
     not_target = labels != target
     hit = (pred_triggered == target).float()
     return {

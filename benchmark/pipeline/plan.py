@@ -65,15 +65,20 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
     return Stage("attack", attack, spec, deps, _labels(profile, label=f"{attack} {pretrain}->{downstream}"))
 
 
-def clean_set_spec(profile: Profile, pretrain: str) -> dict:
-    """The defender's clean subset of ``pretrain`` (``stages.clean_subset`` draws it)."""
-    return {"dataset": pretrain, "data": data_version(pretrain), "fraction": profile.clean.fraction,
-            "max_images": profile.clean.max_images, "image_size": profile.encoder.image_size, "seed": profile.seed}
+def clean_set_spec(profile: Profile, pretrain: str, image_size: int | None = None, size: int | None = None) -> dict:
+    """The defender's clean subset of ``pretrain`` (``inputs.clean_subset`` draws it): the profile's share of its
+    pre-training split, or ``size`` images; read at ``image_size`` (default: the profile's encoder's)."""
+    fraction, cap = (1.0, size) if size else (profile.clean.fraction, profile.clean.max_images)
+    return {"dataset": pretrain, "data": data_version(pretrain), "fraction": fraction, "max_images": cap,
+            "image_size": image_size or profile.encoder.image_size, "seed": profile.seed}
 
 
-def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str) -> Stage:
+def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, image_size: int | None = None,
+                 clean_size: int | None = None) -> Stage:
+    """``defense`` on ``encoder`` with the clean set of ``clean_set_spec`` (an external encoder reads it at its own
+    input size); the spec holds the defense's settings and the clean set, never the trigger or the target."""
     cfg = profile.defense_config(defense)
-    clean = clean_set_spec(profile, pretrain)
+    clean = clean_set_spec(profile, pretrain, image_size, clean_size)
     if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
         if encoder.kind != "attack":
             raise ConfigError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
@@ -83,9 +88,12 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str) 
     return Stage("defend", defense, spec, (encoder,), _labels(profile, label=f"{defense} on {where}"))
 
 
-def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict, target: int,
-                   **labels) -> Stage:
-    spec = {"downstream": downstream, "data": data_version(downstream), "image_size": profile.encoder.image_size,
+def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict | None, target: int | None,
+                   image_size: int | None = None, **labels) -> Stage:
+    """ACC (and ASR with ``trigger`` and ``target``; None: ACC only) of ``encoder`` on ``downstream``, read at
+    ``image_size`` (default: the profile's encoder's)."""
+    spec = {"downstream": downstream, "data": data_version(downstream),
+            "image_size": image_size or profile.encoder.image_size,
             "trigger": trigger, "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
     label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
     return Stage("evaluate", downstream, spec, (encoder,), _labels(profile, label=label, **labels))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ...encoders.runtime import log, progress_enabled
 from .device import WorkerDevice, assign_gpus, pin_worker
+from .external import Suspect, suspect_stages
 from .plan import cell_stages, downstream_tasks
 from .settings import Profile
 from .stages import Env, Stage, record_row, run_stage
@@ -94,15 +95,18 @@ class GridSpec:
     defenses: list[str]
     pretrain: list[str]
     downstream: list[str] = field(default_factory=list)  # empty: each pre-training set's family
+    suspects: list[Suspect] = field(default_factory=list)  # external encoders: a row group each
 
 
-def grid_spec(profile: Profile, attacks=(), defenses=(), pretrain=(), downstream=()) -> GridSpec:
-    return GridSpec(list(attacks) or list(profile.grid.attacks), list(defenses) or list(profile.grid.defenses),
-                    list(pretrain) or list(profile.grid.pretrain), list(downstream))
+def grid_spec(profile: Profile, attacks=(), defenses=(), pretrain=(), downstream=(), suspects=()) -> GridSpec:
+    """``attacks=["none"]``: no built-in attack (only the suspects)."""
+    attacks = [] if list(attacks) == ["none"] else list(attacks) or list(profile.grid.attacks)
+    return GridSpec(attacks, list(defenses) or list(profile.grid.defenses),
+                    list(pretrain) or list(profile.grid.pretrain), list(downstream), list(suspects))
 
 
 def expand_grid(profile: Profile, spec: GridSpec) -> dict[tuple, Stage]:
-    """(attack, defense-or-'undefended'/'clean', pretrain, task) -> its evaluate stage."""
+    """(attack or suspect, defense-or-'undefended'/'clean', pretrain, task) -> its evaluate stage."""
     cells: dict[tuple, Stage] = {}
     for pretrain in spec.pretrain:
         for task in downstream_tasks(pretrain, spec.downstream):
@@ -113,6 +117,12 @@ def expand_grid(profile: Profile, spec: GridSpec) -> dict[tuple, Stage]:
                     cells[(attack, "undefended", pretrain, task)] = stages["undefended"]
                     if "defended" in stages:
                         cells[(attack, defense, pretrain, task)] = stages["defended"]
+            for suspect in spec.suspects:
+                for defense in spec.defenses or ["none"]:
+                    stages = suspect_stages(profile, suspect, defense, pretrain, task)
+                    cells[(suspect.name, "undefended", pretrain, task)] = stages["undefended"]
+                    if "defended" in stages:
+                        cells[(suspect.name, defense, pretrain, task)] = stages["defended"]
     return cells
 
 

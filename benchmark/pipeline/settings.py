@@ -101,6 +101,7 @@ SECTIONS = {"encoder": EncoderConfig, "pretrain": PretrainSettings, "clean": Cle
             "evaluate": EvalSettings, "grid": GridSettings, "studies": StudySettings}
 TOP_LEVEL = {"seed": int, "data_dir": str, "description": str}
 COMPONENTS: dict[str, ComponentRegistry] = {"attack": ATTACKS, "defense": DEFENSES}
+SUSPECTS = "suspects"  # [suspects] NAME = "PATH[:TRIGGER[:TARGET]]": external encoders as row groups of the grid
 
 
 @dataclass
@@ -127,6 +128,9 @@ class Profile:
     studies: StudySettings = field(default_factory=StudySettings)
     overrides: dict[str, object] = field(default_factory=dict)  # the --set values, for the record
     sources: dict[str, str] = field(default_factory=dict)  # "section.field" -> the layer that set it
+    # external encoders of the grid ([suspects] NAME = "PATH[:TRIGGER[:TARGET]]" or a table; pipeline/external.py)
+    suspects: dict[str, object] = field(default_factory=dict)
+    suspect_dirs: dict[str, str] = field(default_factory=dict)  # NAME -> the folder its relative paths start at
 
     def attack_config(self, name: str):
         return self.component_config("attack", name)[0]
@@ -211,6 +215,11 @@ def _flatten(raw: dict, where: str) -> dict[str, object]:
     for key, value in raw.items():
         if key == "base":
             continue
+        if key == SUSPECTS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [suspects] must be a table of NAME = \"PATH[:TRIGGER[:TARGET]]\"")
+            flat.update({f"{SUSPECTS}.{name}": item for name, item in value.items()})
+            continue
         if not isinstance(value, dict):
             flat[key] = value
             continue
@@ -245,7 +254,7 @@ def _profile_chain(name_or_path: str) -> list[tuple[str, str, dict]]:
 # ----------------------------------------------------------------- checking keys
 
 def valid_keys() -> list[str]:
-    keys = list(TOP_LEVEL)
+    keys = list(TOP_LEVEL) + [f"{SUSPECTS}.NAME"]
     for section, cls in SECTIONS.items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     for kind, registry in COMPONENTS.items():
@@ -291,6 +300,10 @@ def _check_component_key(key: str, value, source: str) -> None:
 
 def _check_key(key: str, value, source: str) -> None:
     head = key.split(".")[0]
+    if head == SUSPECTS:
+        if key.count(".") != 1 or not key.split(".")[1]:
+            raise ConfigError(f"{source}: {key!r} should be suspects.NAME")
+        return
     if head in COMPONENTS:
         _check_component_key(key, value, source)
     elif key in TOP_LEVEL or key == "name":
@@ -336,7 +349,12 @@ def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = No
     values: dict[str, object] = {}
     for layer in layers:
         for key, value in layer.values.items():
-            if key.split(".")[0] not in COMPONENTS and key != "name":
+            if key.startswith(SUSPECTS + "."):
+                name = key.split(".", 1)[1]
+                profile.suspects[name] = value
+                folder = layer.source.removeprefix("profile file ")
+                profile.suspect_dirs[name] = str(Path(folder).parent) if folder != layer.source else ""
+            elif key.split(".")[0] not in COMPONENTS and key != "name":
                 values[key] = value
                 profile.sources[key] = layer.source
     for key, kind in TOP_LEVEL.items():

@@ -12,6 +12,12 @@ role...) and are not part of the key.
 3. defend(defense, encoder, clean subset) -> defended encoder
 4. evaluate(encoder, task, trigger)       -> ACC / ASR (+ a results row)
 5. measure(measurement, encoder)          -> a measurement of a study (+ a results row)
+6. import(checkpoint file)                -> an external encoder, keyed by the file's content (``external``)
+
+An evaluate stage seeds its probe from the encoder's weights and the task
+(``evaluate.probe_seed``), not from the stage's identity: the same weights on
+the same task give the same ACC/ASR whichever stage produced them, so a grid
+row and ``defbench evaluate`` of that encoder's file agree to the last digit.
 
 A stage whose weights, features or losses are not finite fails with the stage
 named, and leaves no artifact and no row.
@@ -22,6 +28,7 @@ batches are indexed, converted and augmented there; on a CPU nothing moves.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -35,7 +42,7 @@ from ...attacks import ATTACKS, trigger_from_description
 from ...core import UserError
 from ...defenses import DEFENSES, MEASUREMENTS, CleanData
 from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_encoder, save_encoder, train_simclr
-from ...encoders.checkpoints import CheckpointError
+from ...encoders.checkpoints import CheckpointError, load_checkpoint
 from . import evaluate as evaluation
 from . import inputs
 from .device import configure_backends, resident
@@ -44,10 +51,10 @@ from .results import ResultsDB
 from .settings import EvalSettings
 from .store import ArtifactStore, StoreError
 
-ENCODER_KINDS = ("pretrain", "attack", "defend")
+ENCODER_KINDS = ("pretrain", "attack", "defend", "import")
 # Part of every key: bump it when the way stages are seeded changes, so no artifact made under
-# the old seeding is reused beside new ones.
-SEEDING = 2
+# the old seeding is reused beside new ones. 3: the evaluate probe is seeded from the weights.
+SEEDING = 3
 INPUTS = "defbench.benchmark.pipeline.inputs"
 
 
@@ -70,7 +77,8 @@ class Stage:
                  "attack": lambda: ATTACKS.get(self.name).module,
                  "defend": lambda: DEFENSES.get(self.name).module,
                  "evaluate": lambda: "defbench.benchmark.pipeline.evaluate",
-                 "measure": lambda: MEASUREMENTS.get(self.name).fn.__module__}[self.kind]()
+                 "measure": lambda: MEASUREMENTS.get(self.name).fn.__module__,
+                 "import": lambda: "defbench.encoders.checkpoints"}[self.kind]()
         return code_version(roots, INPUTS)
 
     @cached_property
@@ -173,7 +181,18 @@ def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     encoder = component.fn(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"defense {s['defense']!r} returned {type(encoder).__name__}, not an Encoder")
-    return {"encoder": encoder, "result": {"n_clean": len(images)}}
+    fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+    return {"encoder": encoder, "result": {"n_clean": len(images), "clean_sha256": fingerprint}}
+
+
+def _run_import(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
+    s, path = stage.spec, stage.labels.get("path", "")
+    encoder, info = load_checkpoint(path, image_size=s["image_size"], mean=s["mean"], std=s["std"])
+    if info["sha256"] != s["sha256"]:
+        raise CheckpointError(f"{path} changed since the run was planned (sha256 {info['sha256'][:12]}, planned "
+                              f"{s['sha256'][:12]}); rerun the command")
+    (out / "source.json").write_text(json.dumps(info, indent=1))
+    return {"encoder": encoder, "result": {"source": info}}
 
 
 def _features(env: Env, stage: Stage, encoder: Encoder, ctx: RunContext, images: torch.Tensor, split_id: str,
@@ -196,15 +215,18 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
     cfg = EvalSettings(**{**s["eval"], "hidden": tuple(s["eval"]["hidden"])})
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
+    ctx.reseed(evaluation.probe_seed(s, encoder))
     splits = inputs.evaluation_splits(env.data_dir, s, cfg.max_train, cfg.max_test)
     (train, train_id), (test, test_id) = splits["train"], splits["test"]
     train_images, test_images = resident(train.images, ctx.device), resident(test.images, ctx.device)
     f_train = _features(env, stage, encoder, ctx, train_images, train_id, None, cfg.feature_batch)
     f_test = _features(env, stage, encoder, ctx, test_images, test_id, None, cfg.feature_batch)
-    f_trig = _features(env, stage, encoder, ctx, test_images, test_id, s["trigger"], cfg.feature_batch)
+    f_trig = _features(env, stage, encoder, ctx, test_images, test_id, s["trigger"], cfg.feature_batch) \
+        if s["trigger"] else None
     probe = evaluation.train_probe(f_train, train.labels, max(train.num_classes, test.num_classes), cfg, ctx)
     metrics = evaluation.score(evaluation.predict(probe, f_test, ctx.device),
-                               evaluation.predict(probe, f_trig, ctx.device), test.labels, s["target"])
+                               evaluation.predict(probe, f_trig, ctx.device) if f_trig is not None else None,
+                               test.labels, s["target"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return {"result": metrics}
 
@@ -222,7 +244,7 @@ def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
 
 
 RUNNERS = {"pretrain": _run_pretrain, "attack": _run_attack, "defend": _run_defend, "evaluate": _run_evaluate,
-           "measure": _run_measure}
+           "measure": _run_measure, "import": _run_import}
 
 
 def run_stage(stage: Stage, env: Env) -> dict:
@@ -269,7 +291,8 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         "config": {"eval": stage.spec, "encoder": encoder_meta.get("spec")},
         "extra": {**{k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
                      if not (isinstance(v, list) and len(v) > 64)},
-                  **{k: v for k, v in encoder_meta.get("result", {}).items() if k == "n_clean"}},
+                  **{k: v for k, v in encoder_meta.get("result", {}).items() if k == "n_clean"},
+                  **({"suspect": labels["suspect"]} if labels.get("suspect") else {})},
         **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
     }
     env.db.add_evaluation(row)
