@@ -59,6 +59,6 @@ ci-small: $(STAMP)
 
 # The GPU path on a CUDA machine (under 8 minutes on one H100): the CUDA test subset, fp32 vs bf16 step ratios at
 # width 64 / batch 512, one tiny cell's wall time, the paper grid's estimated GPU-hours per stage kind (docs/gpu.md).
-# Refuses in one line without CUDA; `$(BIN)/python -m defbench.benchmark.gpu_check --device cpu --quick` is a dry run.
+# Refuses in one line without CUDA; `$(BIN)/python tests/bench/gpu_check.py --device cpu --quick` is a dry run.
 gpu-check: $(STAMP)
-	$(BIN)/python -m defbench.benchmark.gpu_check
+	$(BIN)/python tests/bench/gpu_check.py

@@ -221,7 +221,7 @@ def distill(student: Encoder, teacher: Encoder, images: torch.Tensor, beta: dict
     summary="MI-guided distillation of the suspect encoder into a fresh student (clone + NT-Xent + attention)",
     profiles={"tiny": {"epochs": 40, "lr": 1e-3, "mi_epochs": 50, "mi_hidden": 128},
               "ci": {"epochs": 4, "lr": 1e-3, "mi_epochs": 10, "mi_hidden": 128}},
-    budget=("epochs",))
+    budget=("epochs",), cost=("mi_epochs",))
 def mimic(encoder: Encoder, clean: CleanData, cfg: MIMICConfig, ctx: RunContext) -> Encoder:
     cfg.validate()
     encoder = encoder.to(ctx.device)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (this file is tests/bench/gpu_check.py)
 # the MIMIC paper's reported cost per cell (seconds), to compare with the estimated defend stages
 PAPER_COST = {"mimic": 3879.0, "nad": 6248.0}
 # image counts of the real datasets (pre-training split; downstream train/test), for the grid estimate
@@ -46,8 +46,6 @@ SIZES = {"cifar10": {"pretrain": 50000, "train": 50000, "test": 10000},
          "gtsrb": {"train": 39209, "test": 12630}}
 SKIPPED = "skipped: over the time budget (--budget)"
 FALLBACK_SIZE = 2000  # the synthetic sets of --quick (numbers meaningless there)
-# fields that cost time beside a defense's declared budget: scaled with it so the cost stays linear in s
-EXTRA_COST_FIELDS = {"mimic": ("mi_epochs",), "moth": ("warmup_inv_steps", "inv_steps", "reuse_inv_steps")}
 
 
 class Clock:
@@ -119,14 +117,14 @@ def cuda_tests(timeout: int) -> str:
 # ----------------------------------------------------------------- 2. the step benchmark
 
 def step_benchmark(device: torch.device, width: int, batch: int, repeats: int, profile_name: str) -> None:
-    from ..attacks import PatchTrigger
-    from ..attacks.badencoder import badencoder_loss
-    from ..defenses import get_defense
-    from ..defenses.mimic import mimic_loss, uniform_weights
-    from ..encoders import build_encoder, contrastive_loss, frozen_copy, to_float
-    from ..encoders.augment import SimCLRAugment
-    from .pipeline.device import configure_backends, resident
-    from .pipeline.settings import load_profile
+    from defbench.attacks import PatchTrigger
+    from defbench.attacks.badencoder import badencoder_loss
+    from defbench.defenses import get_defense
+    from defbench.defenses.mimic import mimic_loss, uniform_weights
+    from defbench.encoders import build_encoder, contrastive_loss, frozen_copy, to_float
+    from defbench.encoders.augment import SimCLRAugment
+    from defbench.benchmark.pipeline.device import configure_backends, resident
+    from defbench.benchmark.pipeline.settings import load_profile
 
     configure_backends(device)
     prof = load_profile(profile_name, {"encoder.width": width})
@@ -257,20 +255,22 @@ def extrapolate(s1: float, t1: float, s2: float, t2: float) -> float:
 
 def _scaled(cfg, fields: tuple[str, ...], s: float):
     values = {f: max(1, round(getattr(cfg, f) * s)) for f in fields if hasattr(cfg, f)}
-    if "mi_last" in cfg.__dataclass_fields__ and "mi_epochs" in values:
-        values["mi_last"] = min(cfg.mi_last, values["mi_epochs"])
+    for name, value in list(values.items()):  # an averaging window "<x>_last" stays within "<x>_epochs"
+        window = name.removesuffix("epochs") + "last"
+        if name.endswith("_epochs") and hasattr(cfg, window):
+            values[window] = min(getattr(cfg, window), value)
     return dataclasses.replace(cfg, **values)
 
 
 def grid_estimate(device: torch.device, profile_name: str, sets: dict, clock: Clock, quick: bool) -> None:
-    from ..attacks import ATTACKS, AttackInputs, trigger_from_description
-    from ..defenses import DEFENSES, CleanData
-    from ..encoders import RunContext, SimCLRConfig, build_encoder, train_simclr
-    from .analysis.studies import budget_fields
-    from .pipeline import evaluate as evaluation
-    from .pipeline.device import configure_backends, resident
-    from .pipeline.scheduler import expand, expand_grid, grid_spec
-    from .pipeline.settings import load_profile
+    from defbench.attacks import ATTACKS, AttackInputs, trigger_from_description
+    from defbench.defenses import DEFENSES, CleanData
+    from defbench.encoders import RunContext, SimCLRConfig, build_encoder, train_simclr
+    from defbench.benchmark.analysis.studies import budget_fields
+    from defbench.benchmark.pipeline import evaluate as evaluation
+    from defbench.benchmark.pipeline.device import configure_backends, resident
+    from defbench.benchmark.pipeline.scheduler import expand, expand_grid, grid_spec
+    from defbench.benchmark.pipeline.settings import load_profile
 
     configure_backends(device)
     prof = load_profile(profile_name, sets)
@@ -358,7 +358,7 @@ def grid_estimate(device: torch.device, profile_name: str, sets: dict, clock: Cl
     for defense in sorted(prof.grid.defenses, key=lambda d: (d not in PAPER_COST, d == "moth")):
         component = DEFENSES.get(defense)
         cfg = prof.defense_config(defense)
-        fields = tuple(budget_fields(defense)) + EXTRA_COST_FIELDS.get(defense, ())
+        fields = tuple(budget_fields(defense)) + tuple(component.options.get("cost", ()))
         values = [getattr(cfg, f) for f in fields if getattr(cfg, f, 0)]
         s1 = max(1.0 / min(values), min(1.0, 5.0 / max(values)))  # every field >= 1, the largest >= 5
         # two points where 3 x s1 stays below the full budget; else one point, the cost taken proportional to s
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if "4" in args.sections:
         print("\n== 4. the paper Table I grid: estimated GPU-hours per stage kind ==")
         if args.quick:
-            from .pipeline.settings import parse_sets
+            from defbench.benchmark.pipeline.settings import parse_sets
             grid_estimate(device, "ci", parse_sets(QUICK_SETS), clock, quick=True)
         else:
             grid_estimate(device, "paper", {}, clock, quick=False)
