@@ -258,12 +258,12 @@ def _mechanism(encoder, trigger, images):
 @pytest.fixture(scope="module")
 def drupe_ci(ci_profile, ci_env, ci_stages):
     """DRUPE as the ci profile runs it, on the BadEncoder fixture's pre-training set, task and trigger."""
-    from defbench.benchmark.plan import attack_stage
-    from defbench.benchmark.runner import execute
+    from defbench.benchmark.pipeline.plan import attack_stage
+    from defbench.benchmark.pipeline.scheduler import run_grid
     from defbench.benchmark.pipeline.stages import load_stage_encoder
     stage = attack_stage(ci_profile, "drupe", PRETRAIN, TASK)
     assert stage.spec["trigger"] == ci_stages[1].spec["trigger"] and stage.spec["target"] == ci_stages[1].spec["target"]
-    outcome, = execute([stage], ci_env, show_progress=False)
+    outcome = next(o for o in run_grid([stage], ci_env, show_progress=False) if o.stage.key == stage.key)
     assert outcome.status in ("ran", "cached"), outcome.error
     return load_stage_encoder(ci_env, stage).eval()
 
