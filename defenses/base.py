@@ -68,13 +68,14 @@ class Measurement:
 class Detector:
     """``fn(encoder, images, config, ctx) -> dict`` with at least ``score``; an encoder whose score is below
     ``config.<threshold_field>`` (above, when ``backdoored_if_below`` is False) is called backdoored. The
-    config is the profile's config of defense ``defense``."""
+    config is the profile's config of defense ``defense``; ``score_name`` is what the score is printed as."""
     name: str
     fn: Callable
     defense: str
     threshold_field: str
     backdoored_if_below: bool = True
     summary: str = ""
+    score_name: str = "score"  # what the score is called in the method's paper (DECREE: PL1)
 
 
 MEASUREMENTS: Registry[Measurement] = Registry("measurement")

@@ -298,6 +298,6 @@ def _detect(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ctx) -> d
     return {**info, "score": info["pl1"]}
 
 
-register_detector(Detector("decree", _detect, defense="decree", threshold_field="pl1_threshold",
+register_detector(Detector("decree", _detect, defense="decree", threshold_field="pl1_threshold", score_name="PL1",
                            summary="DECREE's trigger inversion: PL1 = |m|_1 / (H W) of the smallest trigger that "
                                    "makes stamped clean images embed alike (small: backdoored)"))

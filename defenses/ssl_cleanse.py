@@ -307,6 +307,6 @@ def _detect(encoder: Encoder, images: torch.Tensor, cfg: SSLCleanseConfig, ctx) 
 
 
 register_detector(Detector("ssl-cleanse", _detect, defense="ssl-cleanse", threshold_field="anomaly_threshold",
-                           backdoored_if_below=False,
+                           backdoored_if_below=False, score_name="anomaly index",
                            summary="SSL-Cleanse: anomaly index (MAD) of per-cluster inverted trigger norms "
                                    "(large: backdoored)"))

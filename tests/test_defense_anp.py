@@ -2,6 +2,8 @@
 so up to 2 eps), BatchNorm uses batch statistics during mask optimisation, pruned channels get zero scale."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from defbench.defenses import get_defense
@@ -101,8 +103,9 @@ def test_mask_optimisation_uses_batch_statistics_and_leaves_the_suspect_alone(ba
         return features(self, x, perturbed)
 
     monkeypatch.setattr(anp_module.NeuronPerturbation, "features", spy)
-    # lr 0: the masks stay at 1, so the clean term must be exactly the drift from f_0, i.e. zero
-    cfg = get_defense("anp").make_config("ci", {"iterations": 3, "lr": 0.0})
+    # lr 0 (refused by validation, so set past it): the masks stay at 1 and the clean term is exactly
+    # the drift from f_0, i.e. zero
+    cfg = dataclasses.replace(get_defense("anp").make_config("ci", {"iterations": 3}), lr=0.0)
     masks, stats = anp_module.optimize_masks(suspect, clean_data, cfg, ctx)
     assert modes and all(modes)  # every forward of the masked network: train mode (batch statistics)
     assert torch.all(masks == 1)

@@ -60,7 +60,8 @@ def run_detection(detector_name: str, encoder, images: torch.Tensor, cfg, ctx: R
     pick = min if detector.backdoored_if_below else max
     info = pick(runs, key=lambda r: r["score"])
     backdoored = info["score"] < threshold if detector.backdoored_if_below else info["score"] > threshold
-    info.update(detector=detector_name, restarts=[round(r["score"], 4) for r in runs], threshold=threshold,
+    info.update(detector=detector_name, score_name=detector.score_name,
+                restarts=[round(r["score"], 4) for r in runs], threshold=threshold,
                 verdict="backdoored" if backdoored else "clean", seconds=round(time.perf_counter() - started, 2))
     return info
 

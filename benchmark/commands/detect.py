@@ -84,11 +84,12 @@ def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, thre
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
-    click.echo(f"{encoder_path}: {detector} score {result['score']:.4f} (most backdoor-like of "
+    click.echo(f"{encoder_path}: {detector} {result['score_name']} {result['score']:.4f} (most backdoor-like of "
                f"{len(result['restarts'])} starts: {result['restarts']}; {len(images)} {data} images; "
                f"{info['layout']} layout, {info['arch']} at {info['image_size']} px; {result['seconds']:.1f} s)")
     below = result["score"] < result["threshold"]
-    click.echo(f"verdict: {result['verdict']} (score {'<' if below else '>='} threshold {result['threshold']:g})")
+    click.echo(f"verdict: {result['verdict']} ({result['score_name']} {'<' if below else '>='} threshold "
+               f"{result['threshold']:g})")
 
 
 def _calibrate(prof, found, cfg, seeds, data, n_images, data_dir, seed, restarts, quantile, device, as_json):

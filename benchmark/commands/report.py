@@ -37,7 +37,7 @@ def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, prof
     plans = {n: [plan_study(n, profile, p.overrides) for p in profiles] for n in studies}  # study -> one per seed
     check_writable_folder(out_dir, "the report")  # before hours of compute, not after
     if no_run:  # only reads: the database opened read-only, nothing else touched
-        db = open_results(prof.name)
+        db = open_results(prof.name, f"defbench report {name} --profile {prof.name}")
     else:
         env = open_env(prof, device, data_dir, verbose)
         db = env.db

@@ -19,11 +19,14 @@ from ..pipeline.settings import parse_sets
 from .common import check_writable_folder, friendly_errors, names, profile_from_options, where
 
 
-def open_results(profile: str) -> ResultsDB:
-    """The results database, read-only (works on a read-only copy; never creates one)."""
+def open_results(profile: str, fill: str = "") -> ResultsDB:
+    """The results database, read-only (works on a read-only copy; never creates one).
+
+    `fill` is the command that would compute the missing results (default: the profile's grid)."""
     path = paths.results_db()
     if not path.is_file():
-        raise tables.ReportError(f"no results database at {path}; run `defbench grid --profile {profile}` first")
+        fill = fill or f"defbench grid --profile {profile}"
+        raise tables.ReportError(f"no results database at {path}; run `{fill}` first")
     with where(f"cannot read the results database {path}",
                "is it a defbench results database? move it away or point DEFBENCH_HOME elsewhere"):
         return ResultsDB(path, readonly=True)
