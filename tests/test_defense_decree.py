@@ -118,11 +118,15 @@ def test_detect_cli_reports_pl1_and_verdict(clean_encoder, backdoored, tmp_path)
         out = _detect("--encoder", str(tmp_path / f"{name}.pt"), "--device", "cpu", "--json")
         assert out.exit_code == 0, out.output
         results[name] = json.loads(out.output)
+        print(name, {k: results[name][k] for k in ("pl1", "restarts", "verdict")})
     # No separation is asserted: with the reference's criterion (0.99, early-stop patience 10) the ci encoders
-    # do not separate (seed 0, 3 starts: clean 0.181, BadEncoder 0.195; docs/methods/decree.md). The ci threshold
+    # do not separate robustly (seed 0, 3 starts: clean 0.181 vs BadEncoder 0.195 on generator v4, 0.190 vs
+    # 0.082 on v5; docs/methods/decree.md). The ci threshold
     # is the paper's until one is calibrated on clean encoders: the verdict only follows it.
     for result in results.values():
         assert result["found"] and 0 < result["pl1"] < 1 and len(result["restarts"]) == 3, result
+        assert len(set(result["restarts"])) > 1, result  # different random starts
+        assert round(result["pl1"], 4) == min(result["restarts"]), result  # the most backdoor-like counts
     for result in results.values():
         assert result["threshold"] == decree_module.DecreeConfig.pl1_threshold, result
         assert result["verdict"] == ("backdoored" if result["pl1"] < result["threshold"] else "clean"), result
@@ -130,11 +134,6 @@ def test_detect_cli_reports_pl1_and_verdict(clean_encoder, backdoored, tmp_path)
                    "--set", "defense.decree.inv_max_steps=3")
     assert text.exit_code == 0, text.output
     assert "PL1" in text.output and "verdict:" in text.output
-    quick = _detect("--encoder", str(tmp_path / "backdoored.pt"), "--device", "cpu", "--images", "64",
-                    "--set", "defense.decree.inv_max_steps=20", "--restarts", "3", "--json")
-    result = json.loads(quick.output)
-    assert len(result["restarts"]) == 3 and len(set(result["restarts"])) > 1, result  # different starts
-    assert round(result["pl1"], 4) == min(result["restarts"]), result
 
 
 class _Payload:
@@ -163,10 +162,12 @@ def quick_trigger(backdoored, clean_data):
     return mask, pattern
 
 
-def test_literal_mitigation_lowers_the_trigger_similarity_on_the_clean_set(backdoored, clean_data, quick_trigger):
+def test_literal_mitigation_lowers_the_trigger_similarity_only_with_the_anchor(backdoored, clean_data, quick_trigger):
+    """The default (with the clean-feature anchor) lowers cos(f(x), f(x (+) t^)); the bare sentence collapses
+    the encoder instead: every clean image embeds alike, so stamped and clean images embed alike again."""
     from defbench.encoders import RunContext
     images, (mask, pattern) = clean_data.images, quick_trigger
-    drift = {}
+    drift, collapse, similarity = {}, {}, {}
     for weight in (1.0, 0.0):  # with the clean-feature anchor (the default) and the bare sentence
         ctx = RunContext(device=torch.device("cpu"), show_progress=False).reseed(0)
         suspect = backdoored[0].clone()
@@ -174,12 +175,18 @@ def test_literal_mitigation_lowers_the_trigger_similarity_on_the_clean_set(backd
         cfg = get_defense("decree").make_config("ci", {"utility_weight": weight})
         before = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
         losses = decree_module.lower_trigger_similarity(suspect, images, mask, pattern, cfg, ctx)
-        after = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
-        assert len(losses) == cfg.epochs and losses[-1] < losses[0], (weight, losses)
-        assert after < before - 0.3, (weight, before, after)  # measured: 0.67 -> 0.21 (anchor), 0.04 (none)
+        similarity[weight] = (before, decree_module.trigger_similarity(suspect, images, mask, pattern, ctx))
+        assert len(losses) == cfg.epochs and losses[-1] < losses[0], (weight, losses)  # the loss it runs falls
         drift[weight] = decree_module.mean_cosine(suspect, images, ctx, other=reference)
-    # the anchor keeps the clean embeddings near the suspect's (measured cos to f_0: 0.80 vs 0.38 without)
-    assert drift[1.0] > drift[0.0] + 0.2, drift
+        # cos between the embeddings of different clean images (each image against its neighbour in the set)
+        collapse[weight] = decree_module.mean_cosine(suspect, images, ctx, transform_b=lambda x: x.roll(1, 0))
+    print(f"trigger similarity {similarity}, cos to f_0 {drift}, cos between images {collapse}")
+    # measured (v5 ci fixtures, seed 0): anchor 0.652 -> 0.075; bare 0.652 -> 0.9997, images alike at 0.999
+    before, after = similarity[1.0]
+    assert after < before - 0.3, similarity
+    assert collapse[0.0] > 0.95 and collapse[0.0] > collapse[1.0] + 0.1, collapse
+    assert similarity[0.0][1] > similarity[1.0][1], similarity
+    assert drift[1.0] > drift[0.0] + 0.2, drift  # the anchor keeps the clean embeddings near the suspect's
 
 
 def test_decree_defense_records_and_round_trips(backdoored, clean_data, ctx, tmp_path):
