@@ -471,5 +471,5 @@ def test_detect_screens_any_layout_and_says_how_it_read_it(files):
                   "--set", "defense.decree.inv_batch_size=16", "--device", "cpu")
     assert result.exit_code == 0, result.output
     lines = _lines(result)
-    assert "decree score" in lines[0] and "torchvision layout, tv-resnet18 at 32 px" in lines[0], result.output
+    assert "decree PL1" in lines[0] and "torchvision layout, tv-resnet18 at 32 px" in lines[0], result.output
     assert lines[-1].startswith("verdict: ")
