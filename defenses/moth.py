@@ -168,7 +168,9 @@ def invert_triggers(model: Encoder, images: torch.Tensor, direction: torch.Tenso
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 mask, pattern = _from_tanh_space(raw_mask), _from_tanh_space(raw_pattern)
                 dirs = direction[idx]
-                x_adv = stamp(x_all[idx], mask[dirs].unsqueeze(1), pattern[dirs])
+                # index_select, not mask[dirs]: the backward of advanced indexing accumulates repeated
+                # indices in a thread-dependent order on CPU (results differed run to run with 2 threads)
+                x_adv = stamp(x_all[idx], mask.index_select(0, dirs).unsqueeze(1), pattern.index_select(0, dirs))
                 f = F.normalize(model.features(x_adv), dim=1)
                 sim = f @ centroids.t()
                 tgt = target_ids[dirs]
