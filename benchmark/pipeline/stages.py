@@ -43,8 +43,9 @@ from ...core import UserError
 from ...defenses import DEFENSES, MEASUREMENTS, CleanData
 from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_encoder, save_encoder, train_simclr
 from ...encoders.checkpoints import CheckpointError, load_checkpoint
+from ...encoders.screening import is_screened, load_screen, save_screen
 from . import evaluate as evaluation
-from . import inputs
+from . import inputs, screening
 from .device import configure_backends, resident
 from .keys import code_version, digest
 from .results import ResultsDB
@@ -56,6 +57,7 @@ ENCODER_KINDS = ("pretrain", "attack", "defend", "import")
 # the old seeding is reused beside new ones. 3: the evaluate probe is seeded from the weights.
 SEEDING = 3
 INPUTS = "defbench.benchmark.pipeline.inputs"
+SCREENING = "defbench.benchmark.pipeline.screening"
 
 
 class NonFiniteError(UserError):
@@ -79,6 +81,8 @@ class Stage:
                  "evaluate": lambda: "defbench.benchmark.pipeline.evaluate",
                  "measure": lambda: MEASUREMENTS.get(self.name).fn.__module__,
                  "import": lambda: "defbench.encoders.checkpoints"}[self.kind]()
+        if self.kind == "evaluate" and _screens(self.deps[0]):  # how rejections are counted is part of the result
+            return code_version(roots, INPUTS, SCREENING)
         return code_version(roots, INPUTS)
 
     @cached_property
@@ -102,6 +106,11 @@ class Stage:
         return int(self.seed_identity[:8], 16) % (2**31)
 
 
+def _screens(stage: Stage) -> bool:
+    """Whether ``stage`` makes an encoder that screens its inputs (a defense registered with ``screens=True``)."""
+    return stage.kind == "defend" and bool(DEFENSES.get(stage.name).options.get("screens"))
+
+
 @dataclass
 class Env:
     store: ArtifactStore
@@ -114,7 +123,10 @@ def load_stage_encoder(env: Env, stage: Stage) -> Encoder:
     """The encoder a finished stage stored; a damaged file is a StoreError naming the folder to delete."""
     folder = env.store.path(stage.kind, stage.key)
     try:
-        return load_encoder(folder / "encoder.pt")
+        encoder = load_encoder(folder / "encoder.pt")
+        if (folder / "screen.pt").is_file():  # an input screen (DeDe): the encoder wrapped with it
+            encoder = load_screen(encoder, folder / "screen.pt")
+        return encoder
     except CheckpointError as err:
         raise StoreError(f"the stored encoder of {stage.label} cannot be read ({err}); delete the folder {folder} "
                          "(or run `defbench clean --stale`) and rerun to recompute it") from None
@@ -223,6 +235,14 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     f_test = _features(env, stage, encoder, ctx, test_images, test_id, None, cfg.feature_batch)
     f_trig = _features(env, stage, encoder, ctx, test_images, test_id, s["trigger"], cfg.feature_batch) \
         if s["trigger"] else None
+    if is_screened(encoder):  # rejections counted as benchmark/pipeline/screening.py says
+        trigger = trigger_from_description(s["trigger"]) if s["trigger"] else None
+        masks = [screening.accept_mask(encoder, images, ctx, cfg.feature_batch, t)
+                 for images, t in ((train_images, None), (test_images, None), (test_images, trigger))]
+        metrics = screening.probe_and_score(f_train, masks[0], train, f_test, masks[1], f_trig,
+                                            masks[2] if trigger else None, test, s["target"], cfg, ctx)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return {"result": metrics}
     probe = evaluation.train_probe(f_train, train.labels, max(train.num_classes, test.num_classes), cfg, ctx)
     metrics = evaluation.score(evaluation.predict(probe, f_test, ctx.device),
                                evaluation.predict(probe, f_trig, ctx.device) if f_trig is not None else None,
@@ -260,7 +280,9 @@ def run_stage(stage: Stage, env: Env) -> dict:
         _check_losses(stage, ctx.records)
         if "encoder" in output:
             _check_encoder(stage, output["encoder"])
-            save_encoder(output["encoder"], out / "encoder.pt")
+            save_encoder(output["encoder"], out / "encoder.pt")  # a screened encoder: the encoder alone
+            if is_screened(output["encoder"]):
+                save_screen(output["encoder"], out / "screen.pt")
         meta.update(result=output.get("result", {}), records=ctx.records, seconds=time.perf_counter() - started)
     env.db.add_stage({"stage_key": stage.key, "kind": stage.kind, "name": stage.name, "label": stage.label,
                       "seconds": meta["seconds"], "device": meta["device"], "code_version": stage.code,
@@ -292,6 +314,8 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         "extra": {**{k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
                      if not (isinstance(v, list) and len(v) > 64)},
                   **{k: v for k, v in encoder_meta.get("result", {}).items() if k == "n_clean"},
+                  **{k: v for k, v in meta["result"].items()  # a screened encoder's rejection rates
+                     if k not in ("acc", "asr_all", "asr_excl", "n_test")},
                   **({"suspect": labels["suspect"]} if labels.get("suspect") else {})},
         **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
     }
