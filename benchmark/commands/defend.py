@@ -22,6 +22,7 @@ import click
 from ...core import UserError
 from ...defenses import DEFENSES
 from ...encoders.checkpoints import CheckpointError, load_checkpoint, save_like
+from ...encoders.screening import is_screened, save_screen
 from ..datasets import load_dataset
 from ..pipeline.external import import_stage
 from ..pipeline.plan import defend_stage
@@ -83,6 +84,10 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
         except CheckpointError as err:
             out.unlink(missing_ok=True)
             raise UserError(f"the defended encoder did not read back from {out} ({err}); nothing was kept") from None
+        if is_screened(defended):  # an input screen (DeDe): OUT holds the encoder, OUT.screen.pt the screen
+            screen = out.with_name(out.name + ".screen.pt")
+            save_screen(defended, screen)
+            written["screen"] = str(screen)
         record = {
             "defense": component.name, "settings": dataclasses.asdict(prof.defense_config(component.name)),
             "profile": prof.name, "overrides": prof.overrides, "defbench_version": defbench_version(),

@@ -106,6 +106,9 @@ def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: st
             row[f"acc{suffix}"] = m.get("acc")
             row[f"asr{suffix}"] = m.get("asr_all")
             row[f"asr_excl_target{suffix}"] = m.get("asr_excl")
+            screen = {k: v for k, v in m.items() if k.startswith("rejected_") or k == "acc_accepted"}
+            if role == "defended" and screen:  # an input screen's rejection rates (DeDe)
+                row["screen"] = screen
         if defense == "none":  # the defended encoder is the undefended one
             for metric in ("acc", "asr", "asr_excl_target"):
                 row[metric] = row[f"{metric}_undefended"]
@@ -147,4 +150,9 @@ def format_cell_table(results: list[dict], profile: Profile, attack: str, defens
     records = [f"  {r['downstream']}: " + "; ".join(f"{k} = {_fmt_record(v)}" for k, v in r["defense_records"].items())
                for r in results if r.get("defense_records")]
     extra = f"\n{defense} recorded:\n" + "\n".join(records) if records else ""
+    screens = [f"  {r['downstream']}: " + "; ".join(f"{k} = {v:.1f}" for k, v in r["screen"].items())
+               for r in results if r.get("screen")]
+    if screens:
+        extra += (f"\n{defense} screens its inputs (rejected inputs count as wrong in ACC, as not attacked in ASR; "
+                  "rejected_*: % of each set refused):\n" + "\n".join(screens))
     return f"{title}\n{tabulate(rows, headers=headers, tablefmt='github')}\n{note}{extra}"
