@@ -121,7 +121,7 @@ def grad_cam(encoder: Encoder, x: torch.Tensor, prototypes: torch.Tensor) -> tor
     handle = layer.register_forward_hook(lambda module, inputs, output: kept.__setitem__("act", output))
     try:
         with torch.enable_grad():
-            feature = encoder.features(x)
+            feature = encoder.features(x.detach().requires_grad_(True))  # a graph even when the weights are frozen
             scores = F.normalize(feature.float(), dim=1) @ F.normalize(prototypes.to(x.device), dim=1).t()
             best = scores.max(1).values.sum()
             (grads,) = torch.autograd.grad(best, kept["act"])

@@ -77,6 +77,7 @@ def _fingerprints(images: torch.Tensor) -> list[str]:
     return sorted(hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest() for image in images)
 
 
+@pytest.mark.slow
 def test_a_defense_without_the_flag_never_gets_the_pretraining_data(env, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the pre-training set was built for a defense that did not ask for it")
@@ -87,6 +88,7 @@ def test_a_defense_without_the_flag_never_gets_the_pretraining_data(env, monkeyp
     assert result["defense_data"] == "clean set" and "pretrain_data" not in result
 
 
+@pytest.mark.slow
 def test_a_flagged_defense_gets_exactly_the_poisoned_set_bassl_trained_on(env, monkeypatch):
     trained = {}
     real = bassl_module.train_simclr
@@ -118,6 +120,7 @@ def test_a_flagged_defense_gets_exactly_the_poisoned_set_bassl_trained_on(env, m
     assert tables.defenses_using_pretrain_data(rows, ["toy-with-pretrain", "toy-clean-only"]) == ["toy-with-pretrain"]
 
 
+@pytest.mark.slow
 def test_a_flagged_defense_gets_the_clean_pretraining_set_behind_badencoder(env, monkeypatch):
     trained = {}
     real = stages_module.train_simclr
