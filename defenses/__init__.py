@@ -9,9 +9,11 @@ import pkgutil
 
 from .base import (DEFENSES, DETECTORS, MEASUREMENTS, CleanData, Detector, Measurement, get_defense,
                    register_defense, register_detector, register_measurement)
+from .pretrain_data import REMOVED_RECORD, PretrainData, needs_pretrain_data
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["DEFENSES", "DETECTORS", "MEASUREMENTS", "CleanData", "Detector", "Measurement", "get_defense",
-           "register_defense", "register_detector", "register_measurement"]
+           "register_defense", "register_detector", "register_measurement", "PretrainData", "REMOVED_RECORD",
+           "needs_pretrain_data"]

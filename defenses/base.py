@@ -8,7 +8,11 @@ profiles=...)`` on a function (or a class whose instances are callable)::
 It receives the suspect encoder, the defender's small unlabelled clean set and
 its own config, nothing else: never the trigger, the target class, labels or
 test data. ``ctx`` gives the device, seeded RNGs, ``ctx.progress``, a logger and
-``ctx.record(key, value)`` for values worth keeping with the result. The
+``ctx.record(key, value)`` for values worth keeping with the result. A defense
+whose threat model gives the defender the suspect's (unlabelled) pre-training
+data registers with ``needs_pretrain_data=True`` and is then called with a
+fifth, keyword argument ``pretrain=`` (:class:`.pretrain_data.PretrainData`);
+no other defense ever receives it. The
 returned encoder may be the input object modified in place or a new one; the
 harness saves it. Config: a dataclass whose defaults are the paper settings;
 scaled-down values for ``tiny``/``ci`` go in ``profiles=``.
@@ -32,6 +36,8 @@ DEFENSES = ComponentRegistry("defense", "defbench.defenses")
 
 
 def register_defense(name: str, *, config: type, summary: str, profiles: dict | None = None, **options):
+    """Register a defense. Options: ``budget=`` / ``cost=`` (the fields the frontier study and the GPU
+    check scale), ``needs_pretrain_data=True`` (called with ``pretrain=PretrainData``)."""
     return DEFENSES.component(name, config=config, summary=summary, profiles=profiles, **options)
 
 

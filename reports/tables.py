@@ -8,6 +8,7 @@ with a dagger and says how many it used.
 """
 from __future__ import annotations
 
+import json
 from importlib import resources
 
 import pandas as pd
@@ -115,10 +116,33 @@ def table1(rows: pd.DataFrame, defenses: list[str], convention: str = "all",
             average[("downstream", "")] = "†"
             notes.append(f"† {attack}: the average of a column uses only the cells present in it.")
         out.append(pd.DataFrame([average], columns=group.columns))
+    with_pretrain = defenses_using_pretrain_data(rows, defenses)
+    if with_pretrain:
+        notes.append(f"data: {', '.join(with_pretrain)} also used the suspect's unlabelled pre-training set (the "
+                     "poisoned one after a data-poisoning attack: PatchSearch's threat model); every other column "
+                     "used only the defender's clean set.")
     if compare_paper:
         notes.append("paper = the MIMIC paper's Table I (real CIFAR-10/STL-10/GTSRB/SVHN); synthetic "
                      "stand-ins are compared with the dataset they stand in for.")
     return pd.concat(out, ignore_index=True), notes
+
+
+PRETRAIN_DATA = "clean set + pre-training set"  # a defended row's extra["defense_data"] (benchmark.pipeline.stages)
+
+
+def defenses_using_pretrain_data(rows: pd.DataFrame, defenses: list[str]) -> list[str]:
+    """The columns whose defended rows say they used the suspect's pre-training set besides the clean set."""
+    if "extra" not in rows:
+        return []
+    found = set()
+    for _, row in rows[rows.role == "defended"].iterrows():
+        try:
+            extra = json.loads(row.extra or "{}")
+        except (TypeError, ValueError):
+            continue
+        if isinstance(extra, dict) and extra.get("defense_data") == PRETRAIN_DATA:
+            found.add(row.defense)
+    return [d for d in defenses if d in found]
 
 
 def combine_seeds(tables: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame | None]:

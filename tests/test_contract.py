@@ -6,7 +6,9 @@ without writing a line), and the fairness rule: nothing about the attack reaches
 - a ``ci`` run (budgets cut to a step or two) on 32 random images returns an encoder of the same architecture;
 - two runs with one seed give identical weights;
 - (defenses) the planned defend stage is the same whichever attack made the suspect, and its spec carries no
-  trigger, target or attack.
+  trigger, target or attack; only a defense registered with ``needs_pretrain_data`` plans (and gets) the
+  suspect's pre-training data, described in its spec by the clean split and the victim's recipe (the
+  poisoned images themselves follow from the suspect stage, rebuilt by the harness).
 A toy defense written as one file in a temporary folder joins the registry through ``$DEFBENCH_PLUGINS``.
 """
 import dataclasses
@@ -24,7 +26,7 @@ from defbench.benchmark.pipeline.plan import cell_stages
 from defbench.benchmark.pipeline.settings import builtin_profiles, load_profile
 from defbench.core import build_config
 from defbench.core.config import field_types
-from defbench.defenses import DEFENSES, CleanData
+from defbench.defenses import DEFENSES, CleanData, PretrainData, needs_pretrain_data
 from defbench.encoders import RunContext, SimCLRConfig, build_encoder
 
 BUILTIN_DEFENSES = [c.name for c in DEFENSES.items() if c.module.startswith("defbench.defenses.")]
@@ -87,10 +89,12 @@ def test_a_defense_returns_the_same_architecture_deterministically(name):
     component = DEFENSES.get(name)
     cfg = tiny_budget(component)
     suspect, clean = _encoder(), CleanData(_images(32, 1))
+    extra = {"pretrain": PretrainData(_images(48, 4), SimCLRConfig(epochs=1, batch_size=16))} \
+        if needs_pretrain_data(component) else {}
     runs = []
     for _ in range(2):
         ctx = RunContext(device=torch.device("cpu"), show_progress=False).reseed(7)
-        out = component.fn(suspect.clone(), clean, cfg, ctx)
+        out = component.fn(suspect.clone(), clean, cfg, ctx, **extra)
         _same_architecture(out, suspect)
         runs.append(_weights(out))
     for key in runs[0]:
@@ -145,6 +149,7 @@ def test_no_defense_setting_depends_on_the_attack(profile):
             assert stage.kind == "defend" and len(stage.deps) == 1 and stage.deps[0].kind == "attack"
             keys, strings = _keys_and_strings(stage.spec)
             assert not keys & {"trigger", "target", "attack", "downstream"}, (defense, attack, keys)
+            assert ("pretrain_data" in stage.spec) == needs_pretrain_data(DEFENSES.get(defense)), defense
             assert attack not in strings, (defense, attack)
             specs.append(stage.spec)
         assert all(spec == specs[0] for spec in specs), f"{defense}: settings differ between attacks"

@@ -95,6 +95,8 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
             "input": info, "output": written,
             "clean": {**stage.spec["clean"], "n_images": meta["result"].get("n_clean"),
                       "sha256": meta["result"].get("clean_sha256")},
+            **({"pretrain_data": {**stage.spec["pretrain_data"], **meta["result"]["pretrain_data"]}}
+               if meta["result"].get("pretrain_data") else {}),
             "wall_seconds": meta.get("seconds"), "cached": status == "cached", "device": meta.get("device"),
             "threads": meta.get("threads"), "torch": meta.get("torch"), "python": platform.python_version(),
             "records": meta.get("records", {}),

@@ -116,6 +116,10 @@ def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: st
         defend_stage = defended.deps[0] if defended else None
         row["defense_seconds"] = _meta(env, defend_stage).get("seconds") if defend_stage else 0.0
         row["defense_records"] = _small(_meta(env, defend_stage).get("records", {})) if defend_stage else {}
+        result = _meta(env, defend_stage).get("result", {}) if defend_stage else {}
+        row["defense_data"] = result.get("defense_data")
+        if result.get("pretrain_data"):
+            row["pretrain_data"] = result["pretrain_data"]
         mine = {s.key for st in stages.values() for s in [st, *_ancestors(st)]} - charged
         charged |= mine
         row["seconds"] = round(sum(elapsed.get(key, 0.0) for key in mine), 2)  # 0 when all was cached
@@ -155,4 +159,16 @@ def format_cell_table(results: list[dict], profile: Profile, attack: str, defens
     if screens:
         extra += (f"\n{defense} screens its inputs (rejected inputs count as wrong in ACC, as not attacked in ASR; "
                   "rejected_*: % of each set refused):\n" + "\n".join(screens))
+    used = [f"  {r['downstream']}: {_data_line(r)}" for r in results if r.get("pretrain_data")]
+    if used:
+        extra += f"\n{defense} used the clean set + the suspect's pre-training set:\n" + "\n".join(used)
     return f"{title}\n{tabulate(rows, headers=headers, tablefmt='github')}\n{note}{extra}"
+
+
+def _data_line(row: dict) -> str:
+    """The pre-training data a defense used and what it removed (poison counts: the harness's, never the defense's)."""
+    p = row["pretrain_data"]
+    text = f"{p['n_images']} images ({p['source']}; {p['n_poison']} poisons)"
+    if "removed" in p:
+        text += f", removed {p['removed']}: {p['removed_poison']} poisons, {p['removed'] - p['removed_poison']} clean"
+    return text

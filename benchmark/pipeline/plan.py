@@ -11,6 +11,7 @@ import dataclasses
 
 from ...attacks import ATTACKS
 from ...core import ConfigError, RegistryError, UserError
+from ...defenses import DEFENSES, needs_pretrain_data
 from ..datasets import FAMILIES, data_version, get_spec
 from .settings import Profile
 from .stages import Stage
@@ -73,10 +74,21 @@ def clean_set_spec(profile: Profile, pretrain: str, image_size: int | None = Non
             "image_size": image_size or profile.encoder.image_size, "seed": profile.seed}
 
 
+def pretrain_data_spec(profile: Profile, pretrain: str, image_size: int | None = None) -> dict:
+    """What a defense registered with ``needs_pretrain_data`` is given besides the clean set: the clean
+    pre-training split of ``pretrain`` (capped and seeded as the profile's pre-training) and the victim's recipe.
+    The images follow from the suspect (``pretrain_inputs``: a data-poisoning attack's poisoned set)."""
+    recipe = dataclasses.asdict(profile.pretrain)
+    max_images = recipe.pop("max_images")
+    return {"dataset": pretrain, "data": data_version(pretrain), "image_size": image_size or profile.encoder.image_size,
+            "max_images": max_images, "seed": profile.seed, "recipe": recipe}
+
+
 def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, image_size: int | None = None,
                  clean_size: int | None = None) -> Stage:
     """``defense`` on ``encoder`` with the clean set of ``clean_set_spec`` (an external encoder reads it at its own
-    input size); the spec holds the defense's settings and the clean set, never the trigger or the target."""
+    input size) and, for a defense that asks for it, the suspect's pre-training set (``pretrain_data_spec``);
+    the spec holds the defense's settings and its data, never the trigger or the target."""
     cfg = profile.defense_config(defense)
     clean = clean_set_spec(profile, pretrain, image_size, clean_size)
     if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
@@ -84,6 +96,8 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
             raise ConfigError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
         clean.update(poison_ratio=profile.clean.poison_ratio, trigger=encoder.spec["trigger"])
     spec = {"defense": defense, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
+    if needs_pretrain_data(DEFENSES.get(defense)):  # only then: every other defense keeps its key
+        spec["pretrain_data"] = pretrain_data_spec(profile, pretrain, image_size)
     where = encoder.labels.get("label", encoder.name)
     return Stage("defend", defense, spec, (encoder,), _labels(profile, label=f"{defense} on {where}"))
 

@@ -40,12 +40,12 @@ import torch
 
 from ...attacks import ATTACKS, trigger_from_description
 from ...core import UserError
-from ...defenses import DEFENSES, MEASUREMENTS, CleanData
+from ...defenses import DEFENSES, MEASUREMENTS, REMOVED_RECORD, CleanData, PretrainData
 from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_encoder, save_encoder, train_simclr
 from ...encoders.checkpoints import CheckpointError, load_checkpoint
 from ...encoders.screening import is_screened, load_screen, save_screen
 from . import evaluate as evaluation
-from . import inputs, screening
+from . import inputs, pretrain_inputs, screening
 from .device import configure_backends, resident
 from .keys import code_version, digest
 from .results import ResultsDB
@@ -83,6 +83,8 @@ class Stage:
                  "import": lambda: "defbench.encoders.checkpoints"}[self.kind]()
         if self.kind == "evaluate" and _screens(self.deps[0]):  # how rejections are counted is part of the result
             return code_version(roots, INPUTS, SCREENING)
+        if self.kind == "defend" and "pretrain_data" in self.spec:  # the harness code that picks those images
+            return code_version(roots, INPUTS, pretrain_inputs.MODULE)
         return code_version(roots, INPUTS)
 
     @cached_property
@@ -184,17 +186,30 @@ def _run_attack(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     return {"encoder": encoder}
 
 
+CLEAN_ONLY, WITH_PRETRAIN = "clean set", "clean set + pre-training set"  # what a defense used, in its results
+
+
 def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
     component = DEFENSES.get(s["defense"])
     images, index = inputs.clean_subset(env.data_dir, s["clean"])
     torch.save(index, out / "clean_indices.pt")
+    extra, pretraining = {}, None
+    if "pretrain_data" in s:  # only a defense registered with needs_pretrain_data: the suspect's pre-training set
+        pretraining = pretrain_inputs.suspect_pretraining(env.data_dir, s["pretrain_data"], stage.deps[0], stage.seed())
+        extra["pretrain"] = PretrainData(resident(pretraining.images, ctx.device), pretraining.recipe)
     suspect = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
-    encoder = component.fn(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx)
+    encoder = component.fn(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx,
+                           **extra)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"defense {s['defense']!r} returned {type(encoder).__name__}, not an Encoder")
     fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-    return {"encoder": encoder, "result": {"n_clean": len(images), "clean_sha256": fingerprint}}
+    result = {"n_clean": len(images), "clean_sha256": fingerprint,
+              "defense_data": WITH_PRETRAIN if pretraining is not None else CLEAN_ONLY}
+    if pretraining is not None:  # computed here, after the defense returned: it never sees which are poisons
+        result["pretrain_data"] = {**pretraining.summary(),
+                                   **pretrain_inputs.removal_summary(pretraining, ctx.records.get(REMOVED_RECORD, []))}
+    return {"encoder": encoder, "result": result}
 
 
 def _run_import(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
@@ -313,7 +328,8 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         "config": {"eval": stage.spec, "encoder": encoder_meta.get("spec")},
         "extra": {**{k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
                      if not (isinstance(v, list) and len(v) > 64)},
-                  **{k: v for k, v in encoder_meta.get("result", {}).items() if k == "n_clean"},
+                  **{k: v for k, v in encoder_meta.get("result", {}).items() if k in ("n_clean", "defense_data")},
+                  **_pretrain_extra(encoder_meta.get("result", {}).get("pretrain_data")),
                   **{k: v for k, v in meta["result"].items()  # a screened encoder's rejection rates
                      if k not in ("acc", "asr_all", "asr_excl", "n_test")},
                   **({"suspect": labels["suspect"]} if labels.get("suspect") else {})},
@@ -321,6 +337,14 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
     }
     env.db.add_evaluation(row)
     return row
+
+
+def _pretrain_extra(summary: dict | None) -> dict:
+    """A defended row's record of the pre-training data its defense used (none for the clean set alone)."""
+    if not summary:
+        return {}
+    return {f"pretrain_{k}": summary[k] for k in ("source", "n_images", "n_poison", "removed", "removed_poison")
+            if k in summary}
 
 
 def record_measurement(stage: Stage, env: Env) -> dict:
