@@ -24,7 +24,7 @@ from ...core import ConfigError, Registry, UserError
 from ...defenses import DEFENSES, MEASUREMENTS
 from ...reports import ablations as render
 from ..pipeline.plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
-                             pretrain_stage)
+                             pretrain_stage, stamped_trigger)
 from ..pipeline.settings import Profile, load_profile
 from ..pipeline.stages import Stage
 
@@ -214,7 +214,8 @@ def _measure_stage(prof: Profile, arm: Arm, attack: str, pretrain: str, task: st
     suspect = attack_stage(prof, attack, pretrain, task)
     encoder = pretrain_stage(prof, pretrain) if arm.on_clean_encoder else suspect
     measurement = MEASUREMENTS.get(arm.measure)
-    spec = {"measure": arm.measure, "trigger": suspect.spec["trigger"],
+    trigger, needs = stamped_trigger(suspect)
+    spec = {"measure": arm.measure, "trigger": trigger,
             "clean": clean_set_spec(prof, pretrain),
             "settings": measurement.settings_of(prof.defense_config(measurement.defense)),
             "seed": prof.seed}
@@ -222,4 +223,4 @@ def _measure_stage(prof: Profile, arm: Arm, attack: str, pretrain: str, task: st
     labels = {"profile": prof.name, "overrides": prof.overrides, "seed": prof.seed, "attack": attack,
               "pretrain": pretrain, "downstream": task, "role": role, "defense": "none",
               "label": f"measure {arm.measure} {role} {attack} {pretrain}->{task}"}
-    return Stage("measure", arm.measure, spec, (encoder,), labels)
+    return Stage("measure", arm.measure, spec, (encoder, *(n for n in needs if n.key != encoder.key)), labels)

@@ -3,13 +3,16 @@
 A cell is (attack, defense, pre-training set, downstream task). Its results
 are three evaluations on the task, all with the attack's trigger and target:
 the clean encoder (reference), the suspect encoder ("undefended") and the
-defended one.
+defended one. A trigger the attack learns while it runs (``attacks.learned``)
+is named by the attack stage that learns it, and every stage stamping it waits
+for that stage (:func:`stamped_trigger`).
 """
 from __future__ import annotations
 
 import dataclasses
 
 from ...attacks import ATTACKS
+from ...attacks.learned import is_learned
 from ...core import ConfigError, RegistryError, UserError
 from ...defenses import DEFENSES, needs_pretrain_data
 from ..datasets import FAMILIES, data_version, get_spec
@@ -66,6 +69,19 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
     return Stage("attack", attack, spec, deps, _labels(profile, label=f"{attack} {pretrain}->{downstream}"))
 
 
+def stamped_trigger(suspect: Stage) -> tuple[dict, tuple[Stage, ...]]:
+    """The description of ``suspect``'s trigger for the stages that stamp it, and the stages they must wait for.
+
+    A fixed trigger is its planned description, needing nothing. A learned one (``attacks.learned``) is bound to
+    the attack stage that learns it: its key names the artefact holding the trigger, and the stamping stage
+    depends on that stage (the clean encoder's evaluation included).
+    """
+    trigger = suspect.spec["trigger"]
+    if not is_learned(trigger):
+        return trigger, ()
+    return {**trigger, "stage": suspect.key}, (suspect,)
+
+
 def clean_set_spec(profile: Profile, pretrain: str, image_size: int | None = None, size: int | None = None) -> dict:
     """The defender's clean subset of ``pretrain`` (``inputs.clean_subset`` draws it): the profile's share of its
     pre-training split, or ``size`` images; read at ``image_size`` (default: the profile's encoder's)."""
@@ -94,7 +110,7 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
     if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
         if encoder.kind != "attack":
             raise ConfigError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
-        clean.update(poison_ratio=profile.clean.poison_ratio, trigger=encoder.spec["trigger"])
+        clean.update(poison_ratio=profile.clean.poison_ratio, trigger=stamped_trigger(encoder)[0])
     spec = {"defense": defense, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
     if needs_pretrain_data(DEFENSES.get(defense)):  # only then: every other defense keeps its key
         spec["pretrain_data"] = pretrain_data_spec(profile, pretrain, image_size)
@@ -103,23 +119,25 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
 
 
 def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict | None, target: int | None,
-                   image_size: int | None = None, **labels) -> Stage:
+                   image_size: int | None = None, needs: tuple[Stage, ...] = (), **labels) -> Stage:
     """ACC (and ASR with ``trigger`` and ``target``; None: ACC only) of ``encoder`` on ``downstream``, read at
-    ``image_size`` (default: the profile's encoder's)."""
+    ``image_size`` (default: the profile's encoder's); ``needs``: further stages to wait for (the attack stage
+    holding a learned trigger, :func:`stamped_trigger`)."""
     spec = {"downstream": downstream, "data": data_version(downstream),
             "image_size": image_size or profile.encoder.image_size,
             "trigger": trigger, "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
     label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
-    return Stage("evaluate", downstream, spec, (encoder,), _labels(profile, label=label, **labels))
+    deps = (encoder, *(stage for stage in needs if stage.key != encoder.key))
+    return Stage("evaluate", downstream, spec, deps, _labels(profile, label=label, **labels))
 
 
 def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: str,
                          downstream: str) -> dict[str, Stage]:
     """A defense applied to the CLEAN encoder (Table III): evaluations before and after."""
-    trigger_source = attack_stage(profile, attack, pretrain, downstream)  # planned for its trigger, not run
-    trigger, target = trigger_source.spec["trigger"], trigger_source.spec["target"]
+    trigger_source = attack_stage(profile, attack, pretrain, downstream)  # planned for its trigger (run if learned)
+    (trigger, needs), target = stamped_trigger(trigger_source), trigger_source.spec["target"]
     clean = pretrain_stage(profile, pretrain)
-    common = {"attack": attack, "pretrain": pretrain}
+    common = {"attack": attack, "pretrain": pretrain, "needs": needs}
     return {
         "clean": evaluate_stage(profile, clean, downstream, trigger, target, role="clean", defense="none", **common),
         "defended": evaluate_stage(profile, defend_stage(profile, defense, clean, pretrain), downstream, trigger,
@@ -130,8 +148,8 @@ def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: 
 def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, downstream: str) -> dict[str, Stage]:
     """The evaluate stages of one cell, by role: clean, undefended, defended (absent for 'none')."""
     suspect = attack_stage(profile, attack, pretrain, downstream)
-    trigger, target = suspect.spec["trigger"], suspect.spec["target"]
-    common = {"attack": attack, "pretrain": pretrain}
+    (trigger, needs), target = stamped_trigger(suspect), suspect.spec["target"]
+    common = {"attack": attack, "pretrain": pretrain, "needs": needs}
     stages = {
         "clean": evaluate_stage(profile, pretrain_stage(profile, pretrain), downstream, trigger, target,
                                 role="clean", defense="none", **common),

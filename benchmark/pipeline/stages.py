@@ -14,6 +14,10 @@ role...) and are not part of the key.
 5. measure(measurement, encoder)          -> a measurement of a study (+ a results row)
 6. import(checkpoint file)                -> an external encoder, keyed by the file's content (``external``)
 
+An attack whose trigger is learned while it runs (``attacks.learned``) hands it over as a record; the attack
+runner keeps it as ``trigger.json`` in the attack's artefact, and the stages that stamp it read it from there
+(:func:`stored_trigger`: their spec names the attack stage, which they depend on).
+
 An evaluate stage seeds its probe from the encoder's weights and the task
 (``evaluate.probe_seed``), not from the stage's identity: the same weights on
 the same task give the same ACC/ASR whichever stage produced them, so a grid
@@ -39,6 +43,7 @@ from pathlib import Path
 import torch
 
 from ...attacks import ATTACKS, trigger_from_description
+from ...attacks.learned import LEARNED_TRIGGER, TRIGGER_FILE, is_learned
 from ...core import UserError
 from ...defenses import DEFENSES, MEASUREMENTS, REMOVED_RECORD, CleanData, PretrainData
 from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_encoder, save_encoder, train_simclr
@@ -134,6 +139,21 @@ def load_stage_encoder(env: Env, stage: Stage) -> Encoder:
                          "(or run `defbench clean --stale`) and rerun to recompute it") from None
 
 
+def stored_trigger(env: Env, description: dict | None) -> dict | None:
+    """``description`` itself, or for a learned trigger bound to its attack stage, the trigger that stage stored."""
+    if not is_learned(description):
+        return description
+    if not description.get("stage"):
+        raise StoreError(f"the {description.get('attack')} trigger is learned, but the plan bound it to no "
+                         "attack stage")
+    path = env.store.path("attack", description["stage"]) / TRIGGER_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"cannot read the learned trigger {path} ({type(err).__name__}); delete the folder "
+                         f"{path.parent} and rerun to recompute it") from None
+
+
 # ----------------------------------------------------------------- finiteness
 
 def _check_encoder(stage: Stage, encoder: Encoder) -> None:
@@ -183,6 +203,14 @@ def _run_attack(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     given = dataclasses.replace(given, pretrain_images=resident(given.pretrain_images, ctx.device),
                                 target_images=resident(given.target_images, ctx.device))
     encoder = component.fn(given, component.config(**s["config"]), ctx)
+    learned = ctx.records.pop(LEARNED_TRIGGER, None)  # a learned trigger lives in its own file, not the records
+    if is_learned(s["trigger"]) != (learned is not None):
+        raise TypeError(f"attack {s['attack']!r} planned a {'learned' if is_learned(s['trigger']) else 'fixed'} "
+                        f"trigger but {'recorded none' if learned is None else 'recorded a learned one'} "
+                        f"(ctx.record({LEARNED_TRIGGER!r}, trigger.describe()))")
+    if learned is not None:
+        trigger_from_description(learned)  # one that cannot be rebuilt fails here, not in the evaluations
+        (out / TRIGGER_FILE).write_text(json.dumps(learned))
     return {"encoder": encoder}
 
 
@@ -192,7 +220,9 @@ CLEAN_ONLY, WITH_PRETRAIN = "clean set", "clean set + pre-training set"  # what 
 def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
     component = DEFENSES.get(s["defense"])
-    images, index = inputs.clean_subset(env.data_dir, s["clean"])
+    clean = {**s["clean"], "trigger": stored_trigger(env, s["clean"]["trigger"])} if "trigger" in s["clean"] \
+        else s["clean"]
+    images, index = inputs.clean_subset(env.data_dir, clean)
     torch.save(index, out / "clean_indices.pt")
     extra, pretraining = {}, None
     if "pretrain_data" in s:  # only a defense registered with needs_pretrain_data: the suspect's pre-training set
@@ -230,7 +260,7 @@ def _features(env: Env, stage: Stage, encoder: Encoder, ctx: RunContext, images:
     path = env.store.path("features", key) / "features.pt"
     if env.store.exists("features", key):
         return env.store.load_tensor(path)
-    trigger = trigger_from_description(trigger_desc) if trigger_desc else None
+    trigger = trigger_from_description(stored_trigger(env, trigger_desc)) if trigger_desc else None
     feats = evaluation.extract_features(encoder, images, ctx, batch, trigger, desc=f"features {split_id}")
     _check_tensor(stage, f"features of {split_id}{' (triggered)' if trigger else ''}", feats)
     with env.store.lock("features", key), env.store.writing("features", key, {"split": split_id}) as tmp:
@@ -272,7 +302,7 @@ def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     images, _ = inputs.clean_subset(env.data_dir, s["clean"])
     images = resident(images, ctx.device)
-    named = {"clean": images, "triggered": trigger_from_description(s["trigger"]).apply(images)}
+    named = {"clean": images, "triggered": trigger_from_description(stored_trigger(env, s["trigger"])).apply(images)}
     result = measurement.fn(encoder, named, s["settings"], ctx)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return {"result": result}
