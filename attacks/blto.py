@@ -243,6 +243,14 @@ def poison_slots(n: int, pool: int, ratio: float, generator) -> tuple[torch.Tens
     return slots, picks
 
 
+def poisoned_set(images: torch.Tensor, targets: torch.Tensor, trigger, slots: torch.Tensor,
+                 picks: torch.Tensor) -> torch.Tensor:
+    """The pre-training set the victim trains on: ``images`` with each slot replaced by its stamped target image."""
+    data = images.clone()
+    data[slots.to(data.device)] = trigger.apply(targets[picks.to(targets.device)]).to(data.device)
+    return data
+
+
 @contextlib.contextmanager
 def _frozen(module: nn.Module):
     """``module`` in eval mode with its parameters' gradients off (gradients still flow to its input)."""
@@ -365,8 +373,7 @@ def blto(inputs: AttackInputs, cfg: BLTOConfig, ctx):
     slots, picks = poison_slots(len(inputs.pretrain_images), len(inputs.target_images), cfg.poison_ratio,
                                 ctx.generator)
     trigger, history = learn_trigger(inputs, cfg, ctx, slots, picks)
-    data = inputs.pretrain_images.clone()
-    data[slots.to(data.device)] = trigger.apply(inputs.target_images[picks.to(data.device)])
+    data = poisoned_set(inputs.pretrain_images, inputs.target_images, trigger, slots, picks)
     change = (data[slots].float() - inputs.target_images[picks].float()).abs()
     ctx.record(LEARNED_TRIGGER, trigger.describe())
     ctx.record("trigger_sha256", trigger.sha256)

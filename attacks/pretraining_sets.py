@@ -4,7 +4,8 @@ A defense registered with ``needs_pretrain_data`` (PatchSearch) gets the suspect
 for a data-poisoning attack that set is the poisoned one. Rather than store every poisoned set,
 the harness rebuilds it: ``builder(inputs, config, generator) -> (images, poisoned)`` receives the
 attack stage's own :class:`~defbench.attacks.base.AttackInputs` and config and a generator seeded as
-the attack's ``ctx.generator`` was, and repeats the attack's poisoning -- the same functions, in the
+the attack's ``ctx.generator`` was (and, for a trigger the attack learned, that trigger as ``inputs.trigger``,
+read from the attack's artefact), and repeats the attack's poisoning -- the same functions, in the
 same order of random draws -- up to the set it hands to ``train_simclr``. ``poisoned`` (bool, one
 per image) is for the harness's records only; the defense never sees it.
 
@@ -21,6 +22,7 @@ import torch
 from ..core import Registry
 from .bassl import BASSLConfig, poison_set
 from .base import AttackInputs
+from .blto import BLTOConfig, poison_slots, poisoned_set
 from .corruptencoder import CorruptEncoderConfig, make_poisons
 from .ctrl import CTRLConfig, poison_pretraining_set
 
@@ -54,3 +56,11 @@ def ctrl_set(inputs: AttackInputs, cfg: CTRLConfig, generator) -> tuple[torch.Te
 def corruptencoder_set(inputs: AttackInputs, cfg: CorruptEncoderConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
     poisons, _ = make_poisons(inputs, cfg, generator)
     return _appended(inputs.pretrain_images, poisons)
+
+
+@register_pretraining_set("blto")
+def blto_set(inputs: AttackInputs, cfg: BLTOConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    slots, picks = poison_slots(len(inputs.pretrain_images), len(inputs.target_images), cfg.poison_ratio, generator)
+    poisoned = torch.zeros(len(inputs.pretrain_images), dtype=torch.bool)
+    poisoned[slots] = True
+    return poisoned_set(inputs.pretrain_images, inputs.target_images, inputs.trigger, slots, picks), poisoned

@@ -8,6 +8,7 @@
   trains on;
 - what a defense used shows in ``defbench list defenses``, in its result and in Table I's notes.
 """
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import MICRO, PRETRAIN, TASK
-from defbench.attacks import ATTACKS, AttackInputs, PatchTrigger
+from defbench.attacks import ATTACKS, AttackInputs, PatchTrigger, trigger_from_description
 from defbench.attacks import bassl as bassl_module
+from defbench.attacks import blto as blto_module
+from defbench.attacks.learned import LEARNED_TRIGGER
 from defbench.attacks.pretraining_sets import PRETRAINING_SETS
 from defbench.benchmark.cli import main
 from defbench.benchmark.pipeline import pretrain_inputs
@@ -121,6 +124,24 @@ def test_a_flagged_defense_gets_exactly_the_poisoned_set_bassl_trained_on(env, m
 
 
 @pytest.mark.slow
+def test_a_flagged_defense_behind_blto_gets_the_set_stamped_with_the_learned_trigger(env, monkeypatch):
+    trained = {}
+    real = blto_module.train_simclr
+
+    def capture(encoder, images, cfg, ctx, desc=""):
+        trained["images"] = images.clone()
+        return real(encoder, images, cfg, ctx, desc=desc)
+    monkeypatch.setattr(blto_module, "train_simclr", capture)
+    seen, stage, _ = _defend(env, monkeypatch, "blto", "toy-with-pretrain", flagged=True)
+    assert "images" in trained, "the BLTO attack stage was cached, not run: the capture saw nothing"
+    given = seen["extra"]["pretrain"]
+    assert _fingerprints(given.images) == _fingerprints(trained["images"])  # rebuilt with the stored trigger
+    summary = env.store.read_meta("defend", stage.key)["result"]["pretrain_data"]
+    assert summary["source"] == pretrain_inputs.POISONED_SOURCE
+    assert summary["n_poison"] == env.store.read_meta("attack", stage.deps[0].key)["records"]["n_poison"] > 0
+
+
+@pytest.mark.slow
 def test_a_flagged_defense_gets_the_clean_pretraining_set_behind_badencoder(env, monkeypatch):
     trained = {}
     real = stages_module.train_simclr
@@ -164,6 +185,8 @@ def test_a_builder_rebuilds_the_set_its_attack_trains_on(attack, monkeypatch):
     cfg = component.make_config("ci")
     ctx = RunContext(device=torch.device("cpu"), show_progress=False).reseed(11)
     component.fn(inputs, cfg, ctx)
+    if LEARNED_TRIGGER in ctx.records:  # the harness hands a builder the trigger the attack learned
+        inputs = dataclasses.replace(inputs, trigger=trigger_from_description(ctx.records[LEARNED_TRIGGER]))
     images, poisoned = PRETRAINING_SETS.get(attack)(inputs, cfg, torch.Generator().manual_seed(11))
     assert torch.equal(images, trained["images"])
     assert int(poisoned.sum()) == ctx.records["n_poison"] > 0

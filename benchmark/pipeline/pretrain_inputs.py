@@ -14,13 +14,14 @@ editing it re-runs them and nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ...attacks import ATTACKS
+from ...attacks import ATTACKS, trigger_from_description
 from ...attacks.pretraining_sets import PRETRAINING_SETS
 from ...core import UserError
 from ...encoders import SimCLRConfig
@@ -48,7 +49,7 @@ def is_data_poisoning(stage) -> bool:
     return stage.kind == "attack" and not ATTACKS.get(stage.name).options.get("needs_clean_encoder", True)
 
 
-def _poisoned_set(data_dir: Path, attack) -> tuple[torch.Tensor, torch.Tensor]:
+def _poisoned_set(data_dir: Path, attack, learned_trigger: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     spec = attack.spec
     if spec["attack"] not in PRETRAINING_SETS:
         raise UserError(f"attack {spec['attack']!r} poisons the pre-training data but does not say how its "
@@ -56,16 +57,20 @@ def _poisoned_set(data_dir: Path, attack) -> tuple[torch.Tensor, torch.Tensor]:
                         "defbench.attacks.pretraining_sets.register_pretraining_set")
     component = ATTACKS.get(spec["attack"])
     given = attack_inputs(data_dir, spec, None)
+    if learned_trigger is not None:  # the trigger the attack learned (BLTO), not the plan's placeholder
+        given = dataclasses.replace(given, trigger=trigger_from_description(learned_trigger))
     generator = torch.Generator().manual_seed(attack.seed())  # the attack's ctx.generator at its start
     images, poisoned = PRETRAINING_SETS.get(spec["attack"])(given, component.config(**spec["config"]), generator)
     return images.cpu(), poisoned.cpu()
 
 
-def suspect_pretraining(data_dir: Path, spec: dict, suspect, seed: int) -> SuspectPretraining:
-    """The pre-training set of the encoder made by stage ``suspect``, shuffled with ``seed``."""
+def suspect_pretraining(data_dir: Path, spec: dict, suspect, seed: int,
+                        learned_trigger: dict | None = None) -> SuspectPretraining:
+    """The pre-training set of the encoder made by stage ``suspect``, shuffled with ``seed``; ``learned_trigger``:
+    the description of the trigger ``suspect`` learned while it ran (from its artefact), if it did."""
     recipe = SimCLRConfig(**spec["recipe"])
     if is_data_poisoning(suspect):
-        images, poisoned = _poisoned_set(data_dir, suspect)
+        images, poisoned = _poisoned_set(data_dir, suspect, learned_trigger)
         source = POISONED_SOURCE
     else:
         images = dataset_split(data_dir, spec["dataset"], "pretrain", spec["image_size"], spec["max_images"],

@@ -154,6 +154,12 @@ def stored_trigger(env: Env, description: dict | None) -> dict | None:
                          f"{path.parent} and rerun to recompute it") from None
 
 
+def _learned_trigger(env: Env, suspect: Stage) -> dict | None:
+    """The trigger attack stage ``suspect`` learned while it ran (None: a fixed trigger, or not an attack)."""
+    trigger = suspect.spec.get("trigger") if suspect.kind == "attack" else None
+    return stored_trigger(env, {**trigger, "stage": suspect.key}) if is_learned(trigger) else None
+
+
 # ----------------------------------------------------------------- finiteness
 
 def _check_encoder(stage: Stage, encoder: Encoder) -> None:
@@ -226,7 +232,8 @@ def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     torch.save(index, out / "clean_indices.pt")
     extra, pretraining = {}, None
     if "pretrain_data" in s:  # only a defense registered with needs_pretrain_data: the suspect's pre-training set
-        pretraining = pretrain_inputs.suspect_pretraining(env.data_dir, s["pretrain_data"], stage.deps[0], stage.seed())
+        pretraining = pretrain_inputs.suspect_pretraining(env.data_dir, s["pretrain_data"], stage.deps[0], stage.seed(),
+                                                          _learned_trigger(env, stage.deps[0]))
         extra["pretrain"] = PretrainData(resident(pretraining.images, ctx.device), pretraining.recipe)
     suspect = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     encoder = component.fn(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx,
