@@ -54,3 +54,27 @@ def test_unknown_dataset_is_one_line():
     result = _check("synth-cifar100")
     assert result.exit_code != 0
     assert len(result.output.strip().splitlines()) == 1 and "synth-cifar100" in result.output
+
+
+def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypatch):
+    import json
+
+    import pandas as pd
+
+    import importlib
+
+    check_data = importlib.import_module("defbench.benchmark.commands.check_data")
+    table = importlib.import_module("defbench.benchmark.commands.table")
+
+    def row(version: str, asr: float) -> dict:
+        return {"pretrain": "synth-cifar10", "seed": 0, "asr_all": asr,
+                "config": json.dumps({"eval": {"data": version}})}
+
+    class FakeDB:
+        def evaluations(self, **_):
+            return pd.DataFrame([row("synthetic-v5", 40.0), row("synthetic-v5r1", 3.0)])
+    monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
+    lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
+    assert len(lines) == 1 and "3.00 %" in lines[0] and lines[0].endswith("ok"), lines
+    stale_only = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v6")
+    assert len(stale_only) == 1 and "no clean rows" in stale_only[0] and "synthetic-v6" in stale_only[0]

@@ -190,3 +190,15 @@ def test_defenses_can_be_applied_to_the_clean_encoder(ci_profile):
     defended = stages["defended"]
     assert defended.labels["role"] == "clean-defended"
     assert defended.deps[0].kind == "defend" and defended.deps[0].deps[0].kind == "pretrain"
+
+
+def test_a_redrawn_set_never_reuses_the_old_draws_features(ci_profile):
+    from defbench.benchmark.pipeline.stages import feature_key
+    clean = cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK)["clean"]
+    redrawn = dataclasses.replace(clean, spec={**clean.spec, "data": clean.spec["data"] + "r1"})
+    assert redrawn.deps[0].key == clean.deps[0].key  # the same encoder ...
+    split = f"{TASK}/test/0/0"
+    assert feature_key(redrawn, split, None) != feature_key(clean, split, None)  # ... on other images
+    resized = dataclasses.replace(clean, spec={**clean.spec, "image_size": 2 * clean.spec["image_size"]})
+    assert feature_key(resized, split, None) != feature_key(clean, split, None)
+    assert feature_key(clean, split, None) == feature_key(clean, split, None)

@@ -7,6 +7,8 @@ the third is read from the results database (the grid's clean rows), never compu
 """
 from __future__ import annotations
 
+import json
+
 import click
 
 from ..datasets import FAMILIES
@@ -21,8 +23,17 @@ def _line(label: str, value: str, target: str, ok: bool | None) -> str:
     return f"{label:<34} {value:>12}   {target:<18} {verdict}"
 
 
-def clean_encoder_rows(name: str, profile: str, classes: int) -> list[str]:
-    """One line per clean-encoder evaluation of task ``name`` in the results database (read-only)."""
+def _on_version(config: str, version: str) -> bool:
+    """Was this evaluation computed on data ``version`` (its spec's ``data``)?"""
+    try:
+        return json.loads(config)["eval"]["data"] == version
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
+def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> list[str]:
+    """One line per clean-encoder evaluation of task ``name`` on data ``version`` in the results database
+    (read-only): rows computed on an earlier draw of the set say nothing about this one."""
     from ...reports.tables import ReportError
     from .table import open_results
 
@@ -31,8 +42,9 @@ def clean_encoder_rows(name: str, profile: str, classes: int) -> list[str]:
     except ReportError:  # no database yet: say how to make the rows
         return [f"clean-encoder ASR: no results database; run `defbench grid --profile {profile}` first"]
     rows = db.evaluations(profile=profile, role="clean", downstream=name)
+    rows = rows[[_on_version(config, version) for config in rows.config]] if not rows.empty else rows
     if rows.empty:
-        return [f"clean-encoder ASR: no clean rows for {name} at profile {profile}; "
+        return [f"clean-encoder ASR: no clean rows for {name} ({version}) at profile {profile}; "
                 f"`defbench grid --profile {profile}` computes them"]
     limit = 100.0 / classes + CHANCE_MARGIN
     return [_line(f"clean-encoder ASR ({row.pretrain}, seed {row.seed})", f"{row.asr_all:.2f} %",
@@ -66,7 +78,7 @@ def check_data(name, split, count, profile, data_dir):
                        ("trigger_box_half_white", "trigger box half white")):
         click.echo(_line(label, f"{100 * measured[key]:.2f} %", f"<= {100 * TARGETS[key]:.0f} %", passes[key]))
     if any(name == task for tasks in FAMILIES.values() for task, _ in tasks):
-        for line in clean_encoder_rows(name, profile, classes):
+        for line in clean_encoder_rows(name, profile, classes, measured["data_version"]):
             click.echo(line)
     if not all(passes.values()):
         raise SystemExit(1)

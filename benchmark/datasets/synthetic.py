@@ -15,7 +15,7 @@ Each image is a class template (drawn once at 64x64 as up to three colour
 slots) warped by a random affine transform, coloured, textured and composited
 over a random background with clutter, then blurred and noised. Everything
 is drawn from a seeded torch generator, so a set is a pure function of its
-name, split and ``GENERATOR_VERSION``; sets are cached under
+name, split, ``GENERATOR_VERSION`` and its own ``revision``; sets are cached under
 ``DEFBENCH_HOME/cache`` after the first (few-second) generation.
 """
 from __future__ import annotations
@@ -642,6 +642,12 @@ class SynthSet:
     sizes: tuple[int, int]  # train, test
     seed: int
     default_target: int
+    revision: int = 0  # raised when this set alone is redrawn: only its stages re-key (docs/data.md)
+
+    @property
+    def version(self) -> str:
+        """The data version stage keys record: the generator's, plus this set's revision if any."""
+        return f"synthetic-v{GENERATOR_VERSION}" + (f"r{self.revision}" if self.revision else "")
 
 
 SETS = {
@@ -660,9 +666,11 @@ SETS = {
                                 blur=(0.2, 0.5), noise=0.02, bg_noise=0.2, occlusion=0.15),
                  (12900, 4300), 303, 12),
         SynthSet("synth-svhn", "house-number digits 0-9 with neighbouring digits (SVHN stand-in)",
-                 "digits", Style(scale=(0.55, 0.8), rotation=0.15, shift=0.08, flip=False, clutter=0, texture=0.0,
+                 # r1: a digit is 72-85 % of the frame's height (scale x the glyph's 0.85, at aspect 1), as in SVHN's
+                 # 32 x 32 crops of each digit's box extended to a square (r0: 47-68 %; docs/data.md)
+                 "digits", Style(scale=(0.85, 1.0), rotation=0.15, shift=0.08, flip=False, clutter=0, texture=0.0,
                                  blur=(0.35, 0.85), noise=0.012, bg_noise=0.15),
-                 (12000, 4000), 404, 1),
+                 (12000, 4000), 404, 1, revision=1),
     ]
 }
 
@@ -692,7 +700,7 @@ def generate(spec: SynthSet, split: str) -> ImageSet:
 def _cached(name: str, split: str) -> ImageSet:
     spec = SETS[name]
     split = "train" if split == "pretrain" else split
-    path = paths.cache_dir() / "synthetic" / f"{name}-v{GENERATOR_VERSION}-{split}.pt"
+    path = paths.cache_dir() / "synthetic" / f"{name}-{spec.version.removeprefix('synthetic-')}-{split}.pt"
     if path.exists():
         try:
             blob = torch.load(path, weights_only=True)
@@ -717,4 +725,4 @@ def _loader(name):
 for _spec in SETS.values():
     register_dataset(DatasetSpec(_spec.name, _spec.description, _loader(_spec.name),
                                  default_target=_spec.default_target, needs_data_dir=False,
-                                 version=f"synthetic-v{GENERATOR_VERSION}"))
+                                 version=_spec.version))

@@ -259,11 +259,16 @@ def _run_import(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     return {"encoder": encoder, "result": {"source": info}}
 
 
+def feature_key(stage: Stage, split_id: str, trigger_desc: dict | None) -> str:
+    """The store key of evaluate ``stage``'s features of one split: its encoder, the split, the trigger, and the
+    images' data version and size, so a redrawn set (a new revision) never reuses the old draw's features."""
+    return digest([stage.deps[0].key, split_id, trigger_desc, stage.spec["data"], stage.spec["image_size"]])
+
+
 def _features(env: Env, stage: Stage, encoder: Encoder, ctx: RunContext, images: torch.Tensor, split_id: str,
               trigger_desc: dict | None, batch: int) -> torch.Tensor:
     """Features of one encoder on one (sub)set, computed once and kept in the store."""
-    encoder_stage = stage.deps[0]
-    key = digest([encoder_stage.key, split_id, trigger_desc])
+    key = feature_key(stage, split_id, trigger_desc)
     path = env.store.path("features", key) / "features.pt"
     if env.store.exists("features", key):
         return env.store.load_tensor(path)
