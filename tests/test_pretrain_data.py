@@ -75,6 +75,18 @@ def _defend(env, monkeypatch, attack: str, name: str, flagged: bool) -> tuple:
     return seen, cell["defended"].deps[0], cell
 
 
+def _capture_training(monkeypatch, module) -> dict:
+    """Let ``module``'s ``train_simclr`` run as usual, keeping the images it trained on (under "images")."""
+    trained: dict = {}
+    real = module.train_simclr
+
+    def capture(encoder, images, cfg, ctx, desc=""):
+        trained["images"] = images.clone()
+        return real(encoder, images, cfg, ctx, desc=desc)
+    monkeypatch.setattr(module, "train_simclr", capture)
+    return trained
+
+
 def _fingerprints(images: torch.Tensor) -> list[str]:
     """The images as a multiset (order does not count)."""
     return sorted(hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest() for image in images)
@@ -93,13 +105,7 @@ def test_a_defense_without_the_flag_never_gets_the_pretraining_data(env, monkeyp
 
 @pytest.mark.slow
 def test_a_flagged_defense_gets_exactly_the_poisoned_set_bassl_trained_on(env, monkeypatch):
-    trained = {}
-    real = bassl_module.train_simclr
-
-    def capture(encoder, images, cfg, ctx, desc=""):
-        trained["images"] = images.clone()
-        return real(encoder, images, cfg, ctx, desc=desc)
-    monkeypatch.setattr(bassl_module, "train_simclr", capture)
+    trained = _capture_training(monkeypatch, bassl_module)
     seen, stage, cell = _defend(env, monkeypatch, "bassl", "toy-with-pretrain", flagged=True)
     assert "images" in trained, "the BASSL attack stage was cached, not run: the capture saw nothing"
     given = seen["extra"]["pretrain"]
@@ -125,13 +131,7 @@ def test_a_flagged_defense_gets_exactly_the_poisoned_set_bassl_trained_on(env, m
 
 @pytest.mark.slow
 def test_a_flagged_defense_behind_blto_gets_the_set_stamped_with_the_learned_trigger(env, monkeypatch):
-    trained = {}
-    real = blto_module.train_simclr
-
-    def capture(encoder, images, cfg, ctx, desc=""):
-        trained["images"] = images.clone()
-        return real(encoder, images, cfg, ctx, desc=desc)
-    monkeypatch.setattr(blto_module, "train_simclr", capture)
+    trained = _capture_training(monkeypatch, blto_module)
     seen, stage, _ = _defend(env, monkeypatch, "blto", "toy-with-pretrain", flagged=True)
     assert "images" in trained, "the BLTO attack stage was cached, not run: the capture saw nothing"
     given = seen["extra"]["pretrain"]
@@ -143,13 +143,7 @@ def test_a_flagged_defense_behind_blto_gets_the_set_stamped_with_the_learned_tri
 
 @pytest.mark.slow
 def test_a_flagged_defense_gets_the_clean_pretraining_set_behind_badencoder(env, monkeypatch):
-    trained = {}
-    real = stages_module.train_simclr
-
-    def capture(encoder, images, cfg, ctx, desc=""):
-        trained["images"] = images.clone()
-        return real(encoder, images, cfg, ctx, desc=desc)
-    monkeypatch.setattr(stages_module, "train_simclr", capture)
+    trained = _capture_training(monkeypatch, stages_module)
     seen, stage, _ = _defend(env, monkeypatch, "badencoder", "toy-with-pretrain", flagged=True)
     assert "images" in trained, "the clean pre-training stage was cached, not run: the capture saw nothing"
     given = seen["extra"]["pretrain"]
