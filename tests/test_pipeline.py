@@ -202,3 +202,23 @@ def test_a_redrawn_set_never_reuses_the_old_draws_features(ci_profile):
     resized = dataclasses.replace(clean, spec={**clean.spec, "image_size": 2 * clean.spec["image_size"]})
     assert feature_key(resized, split, None) != feature_key(clean, split, None)
     assert feature_key(clean, split, None) == feature_key(clean, split, None)
+
+
+def test_every_stamping_stage_rebuilds_a_learned_trigger_from_its_attacks_artefact(tmp_path):
+    """Evaluations (screened ones too) and measurements stamp a learned trigger through one helper."""
+    from defbench.attacks import PatchTrigger
+    from defbench.attacks.learned import TRIGGER_FILE, LearnedTrigger
+    from defbench.benchmark.pipeline import stages
+    from defbench.benchmark.pipeline.results import ResultsDB
+    from defbench.benchmark.pipeline.store import ArtifactStore
+
+    env = stages.Env(store=ArtifactStore(tmp_path / "artifacts"), db=ResultsDB(tmp_path / "results.sqlite"),
+                     data_dir=tmp_path / "data", device=torch.device("cpu"))
+    learned = PatchTrigger(size=4)  # what the attack stored
+    folder = env.store.path("attack", "abc123")
+    folder.mkdir(parents=True)
+    (folder / TRIGGER_FILE).write_text(json.dumps(learned.describe()))
+    placeholder = {**LearnedTrigger(attack="toy").describe(), "stage": "abc123"}
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    assert torch.equal(stages._stamping_trigger(env, placeholder).apply(images), learned.apply(images))
+    assert stages._stamping_trigger(env, None) is None

@@ -154,6 +154,11 @@ def stored_trigger(env: Env, description: dict | None) -> dict | None:
                          f"{path.parent} and rerun to recompute it") from None
 
 
+def _stamping_trigger(env: Env, description: dict | None):
+    """The trigger a stage stamps (a learned one rebuilt from its attack's artefact); None without one."""
+    return trigger_from_description(stored_trigger(env, description)) if description else None
+
+
 def _learned_trigger(env: Env, suspect: Stage) -> dict | None:
     """The trigger attack stage ``suspect`` learned while it ran (None: a fixed trigger, or not an attack)."""
     trigger = suspect.spec.get("trigger") if suspect.kind == "attack" else None
@@ -272,7 +277,7 @@ def _features(env: Env, stage: Stage, encoder: Encoder, ctx: RunContext, images:
     path = env.store.path("features", key) / "features.pt"
     if env.store.exists("features", key):
         return env.store.load_tensor(path)
-    trigger = trigger_from_description(stored_trigger(env, trigger_desc)) if trigger_desc else None
+    trigger = _stamping_trigger(env, trigger_desc)
     feats = evaluation.extract_features(encoder, images, ctx, batch, trigger, desc=f"features {split_id}")
     _check_tensor(stage, f"features of {split_id}{' (triggered)' if trigger else ''}", feats)
     with env.store.lock("features", key), env.store.writing("features", key, {"split": split_id}) as tmp:
@@ -293,7 +298,7 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     f_trig = _features(env, stage, encoder, ctx, test_images, test_id, s["trigger"], cfg.feature_batch) \
         if s["trigger"] else None
     if is_screened(encoder):  # rejections counted as benchmark/pipeline/screening.py says
-        trigger = trigger_from_description(s["trigger"]) if s["trigger"] else None
+        trigger = _stamping_trigger(env, s["trigger"])
         masks = [screening.accept_mask(encoder, images, ctx, cfg.feature_batch, t)
                  for images, t in ((train_images, None), (test_images, None), (test_images, trigger))]
         metrics = screening.probe_and_score(f_train, masks[0], train, f_test, masks[1], f_trig,
@@ -314,7 +319,7 @@ def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     images, _ = inputs.clean_subset(env.data_dir, s["clean"])
     images = resident(images, ctx.device)
-    named = {"clean": images, "triggered": trigger_from_description(stored_trigger(env, s["trigger"])).apply(images)}
+    named = {"clean": images, "triggered": _stamping_trigger(env, s["trigger"]).apply(images)}
     result = measurement.fn(encoder, named, s["settings"], ctx)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return {"result": result}
