@@ -66,15 +66,21 @@ def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypa
     check_data = importlib.import_module("defbench.benchmark.commands.check_data")
     table = importlib.import_module("defbench.benchmark.commands.table")
 
-    def row(version: str, asr: float) -> dict:
-        return {"pretrain": "synth-cifar10", "seed": 0, "asr_all": asr,
+    def row(version: str, asr: float, attack: str, eval_key: str) -> dict:
+        return {"pretrain": "synth-cifar10", "seed": 0, "asr_all": asr, "attack": attack, "eval_key": eval_key,
                 "config": json.dumps({"eval": {"data": version}})}
 
     class FakeDB:
         def evaluations(self, **_):
-            return pd.DataFrame([row("synthetic-v5", 40.0), row("synthetic-v5r1", 3.0)])
+            return pd.DataFrame([row("synthetic-v5", 40.0, "badencoder", "a"),
+                                 row("synthetic-v5r1", 3.0, "bassl", "b"),
+                                 row("synthetic-v5r1", 3.0, "badencoder", "b"),
+                                 row("synthetic-v5r1", 30.0, "ctrl", "c")])
     monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
     lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
-    assert len(lines) == 1 and "3.00 %" in lines[0] and lines[0].endswith("ok"), lines
+    # one line per clean evaluation, naming every row group whose trigger it stamps
+    assert len(lines) == 2, lines
+    assert "[badencoder, bassl]" in lines[0] and "3.00 %" in lines[0] and lines[0].endswith("ok"), lines
+    assert "[ctrl]" in lines[1] and lines[1].endswith("FAILS"), lines
     stale_only = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v6")
     assert len(stale_only) == 1 and "no clean rows" in stale_only[0] and "synthetic-v6" in stale_only[0]

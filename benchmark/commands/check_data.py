@@ -20,7 +20,7 @@ CHANCE_MARGIN = 5.0  # clean-encoder ASR may exceed chance (100 / classes) by at
 
 def _line(label: str, value: str, target: str, ok: bool | None) -> str:
     verdict = "" if ok is None else ("ok" if ok else "FAILS")
-    return f"{label:<34} {value:>12}   {target:<18} {verdict}"
+    return f"{label:<64} {value:>9}   {target:<18} {verdict}"
 
 
 def _on_version(config: str, version: str) -> bool:
@@ -33,7 +33,8 @@ def _on_version(config: str, version: str) -> bool:
 
 def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> list[str]:
     """One line per clean-encoder evaluation of task ``name`` on data ``version`` in the results database
-    (read-only): rows computed on an earlier draw of the set say nothing about this one."""
+    (read-only), naming the row groups (attacks) whose trigger it stamps: rows computed on an earlier draw
+    of the set say nothing about this one."""
     from ...reports.tables import ReportError
     from .table import open_results
 
@@ -47,8 +48,14 @@ def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> l
         return [f"clean-encoder ASR: no clean rows for {name} ({version}) at profile {profile}; "
                 f"`defbench grid --profile {profile}` computes them"]
     limit = 100.0 / classes + CHANCE_MARGIN
-    return [_line(f"clean-encoder ASR ({row.pretrain}, seed {row.seed})", f"{row.asr_all:.2f} %",
-                  f"<= {limit:.1f} %", row.asr_all <= limit) for row in rows.itertuples()]
+    lines = []
+    # row groups whose triggers are alike share one clean evaluation: one line that names them all
+    for _, same in rows.groupby("eval_key", sort=False):
+        row = same.iloc[0]
+        groups = ", ".join(sorted(set(same.attack)))
+        lines.append(_line(f"clean-encoder ASR [{groups}] ({row.pretrain}, seed {row.seed})",
+                           f"{row.asr_all:.2f} %", f"<= {limit:.1f} %", row.asr_all <= limit))
+    return lines
 
 
 @click.command(name="check-data")
