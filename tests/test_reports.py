@@ -175,3 +175,13 @@ def test_report_runs_its_grid_renders_and_then_answers_from_the_cache(tmp_path):
 
     again = _report(home, "poison-ratio", "-o", str(out))
     assert again.returncode == 0 and " 0 ran" in again.stdout, again.stdout
+
+
+def test_report_help_names_every_registered_study():
+    from click.testing import CliRunner
+
+    from defbench.benchmark.cli import main
+
+    help_text = "".join(CliRunner().invoke(main, ["report", "--help"]).output.split())  # click wraps at hyphens
+    missing = [name for name in STUDIES.names() if name not in help_text]
+    assert not missing, f"`defbench report --help` does not name {missing}"

@@ -29,7 +29,8 @@ def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, prof
     """Run one of the paper's studies (or `all`) through the grid runner and render its figure and table.
 
     Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
-    adaptive, cost. `all` also writes OUT_DIR/ablations.md with every figure and its numbers."""
+    adaptive, cost, frontier, mimic-regime. `all` also writes OUT_DIR/ablations.md with every figure and
+    its numbers."""
     check_workers(executor, workers)
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]
