@@ -182,11 +182,28 @@ def regime(rows, asr, meas=None):
     _legend_below(ax)
     ax.tick_params(axis="x", labelrotation=20)
     table = _per_task_table(defended, ["arm"], asr)
+    table.insert(1, "final objective", [_final_objective(defended[defended.arm == arm]) for arm in means.arm])
     table.insert(1, "seconds", means.seconds.values)
     table.insert(1, "undefended ASR", reference.loc[means.arm, "ASR"].values)
     return fig, table.rename(columns={"arm": "setting"}), [
         "one factor changed at a time around the profile's setting; seconds = the defend stage's wall time; "
-        "the width arm pre-trains and attacks its own wider encoder (its undefended ASR is its own)"]
+        "the width arm pre-trains and attacks its own wider encoder (its undefended ASR is its own)",
+        "final objective = L0 + L1 + L2 of the distillation's last epoch on the clean set (mean over tasks and "
+        "seeds): the label-free rule of docs/methods/mimic.md compares it between settings of the same budget "
+        "and data (the lr arms); arms that change the loss, the budget or the encoder are not comparable by it"]
+
+
+def _final_objective(rows: pd.DataFrame) -> float:
+    """Mean over rows of the last epoch's summed distillation losses (MIMIC's ``loss_history`` record)."""
+    finals = []
+    for extra in rows.get("extra", pd.Series(dtype=object)):
+        try:
+            history = json.loads(extra or "{}").get("loss_history") or []
+        except (TypeError, ValueError):
+            history = []
+        if history:
+            finals.append(float(sum(history[-1])))
+    return float(np.mean(finals)) if finals else float("nan")
 
 
 def lambdas(rows, asr, meas=None):

@@ -64,7 +64,8 @@ def _fill(db: ResultsDB, plan, rng, skip: int | None = None) -> dict:
                "defense": lab["defense"], "role": lab["role"], "pretrain": lab["pretrain"],
                "downstream": stage.spec["downstream"], "target": 1, "acc": float(rng.uniform(10, 90)),
                "asr_all": float(rng.uniform(0, 100)), "asr_excl": float(rng.uniform(0, 100)), "n_test": 100,
-               "encoder_seconds": float(rng.uniform(1, 100)), "extra": {"n_clean": round(20000 * (lab["x"] or 0.05))},
+               "encoder_seconds": float(rng.uniform(1, 100)), "extra": {"n_clean": round(20000 * (lab["x"] or 0.05)),
+                                                        "loss_history": rng.uniform(-1, 9, (2, 3)).tolist()},
                **{k: lab.get(k) for k in ("study", "arm", "sweep", "x")}}
         db.add_evaluation(row)
         written[(lab["arm"], lab["role"], lab["defense"], stage.spec["downstream"])] = row
@@ -113,6 +114,10 @@ def test_every_study_renders_the_numbers_in_the_database(name, tmp_path):
     elif name == "mi-layers":
         row = report.table.set_index(["encoder", "inputs"]).loc[("backdoored", "triggered")]
         assert row["layer3"] == pytest.approx(written[("backdoored", "measure")]["triggered"]["layer3"])
+    elif name == "mimic-regime":
+        row = report.table.set_index("setting").iloc[1]  # the lr arm: its one task's last epoch, summed
+        final = written[(row.name, "defended", "mimic", task)]["extra"]["loss_history"][-1]
+        assert row["final objective"] == pytest.approx(sum(final))
     elif name == "cost":
         assert set(report.table.defense) == set(plan.profile.grid.defenses)
         assert "exponent k" in report.table
