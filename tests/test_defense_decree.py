@@ -163,8 +163,8 @@ def quick_trigger(backdoored, clean_data):
 
 
 def test_literal_mitigation_lowers_the_trigger_similarity_only_with_the_anchor(backdoored, clean_data, quick_trigger):
-    """The default (with the clean-feature anchor) lowers cos(f(x), f(x (+) t^)); the bare sentence collapses
-    the encoder instead: every clean image embeds alike, so stamped and clean images embed alike again."""
+    """The default (with the clean-feature anchor) lowers cos(f(x), f(x (+) t^)) and keeps the clean embeddings
+    near the suspect's; the bare sentence collapses the encoder instead: every clean image embeds alike."""
     from defbench.encoders import RunContext
     images, (mask, pattern) = clean_data.images, quick_trigger
     drift, collapse, similarity = {}, {}, {}
@@ -181,11 +181,12 @@ def test_literal_mitigation_lowers_the_trigger_similarity_only_with_the_anchor(b
         # cos between the embeddings of different clean images (each image against its neighbour in the set)
         collapse[weight] = decree_module.mean_cosine(suspect, images, ctx, transform_b=lambda x: x.roll(1, 0))
     print(f"trigger similarity {similarity}, cos to f_0 {drift}, cos between images {collapse}")
-    # measured (v5 ci fixtures, seed 0): anchor 0.652 -> 0.075; bare 0.652 -> 0.9997, images alike at 0.999
+    # measured (v5 ci fixtures, seed 0) on two machines: anchor 0.652 -> 0.075 and 0.739 -> 0.196; bare, images
+    # alike at 0.999 and 0.995 on both, stamped images joining them (0.9997) on one, orthogonal (0.017) on the
+    # other: where the collapsed encoder puts stamped images is the machine's draw, so it is not asserted
     before, after = similarity[1.0]
     assert after < before - 0.3, similarity
     assert collapse[0.0] > 0.95 and collapse[0.0] > collapse[1.0] + 0.1, collapse
-    assert similarity[0.0][1] > similarity[1.0][1], similarity
     assert drift[1.0] > drift[0.0] + 0.2, drift  # the anchor keeps the clean embeddings near the suspect's
 
 
