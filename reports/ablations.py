@@ -194,15 +194,17 @@ def regime(rows, asr, meas=None):
 
 
 def _final_objective(rows: pd.DataFrame) -> float:
-    """Mean over rows of the last epoch's summed distillation losses (MIMIC's ``loss_history`` record)."""
+    """Mean over rows of the last epoch's summed distillation losses (MIMIC's ``loss_history`` record, or
+    its ``loss_history_last`` when the history was too long for the row)."""
     finals = []
     for extra in rows.get("extra", pd.Series(dtype=object)):
         try:
-            history = json.loads(extra or "{}").get("loss_history") or []
+            extra = json.loads(extra or "{}")
         except (TypeError, ValueError):
-            history = []
-        if history:
-            finals.append(float(sum(history[-1])))
+            extra = {}
+        last = (extra.get("loss_history") or [None])[-1] or extra.get("loss_history_last")
+        if last:
+            finals.append(float(sum(last)))
     return float(np.mean(finals)) if finals else float("nan")
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from defbench.benchmark.pipeline.results import ResultsDB
+from defbench.benchmark.pipeline.stages import row_records
 from defbench.benchmark.analysis.studies import STUDIES, plan_study
 from defbench.reports import ablations
 from defbench.reports.tables import ReportError
@@ -121,6 +122,22 @@ def test_every_study_renders_the_numbers_in_the_database(name, tmp_path):
     elif name == "cost":
         assert set(report.table.defense) == set(plan.profile.grid.defenses)
         assert "exponent k" in report.table
+
+
+def test_a_long_loss_history_reaches_the_regime_table_through_its_last_entry(tmp_path):
+    """A row keeps only the last entry of a curve over 64 entries (the 16x-epochs arm's loss history);
+    the regime's final objective must still read it, not print NaN."""
+    records = {"loss_history": [[0.0, 1.0, 2.0]] * 100 + [[-0.5, 4.0, 3.0]], "beta": [1.0, 2.0]}
+    assert row_records(records) == {"loss_history_last": [-0.5, 4.0, 3.0], "beta": [1.0, 2.0]}
+    plan = plan_study("mimic-regime", "ci")
+    db = ResultsDB(tmp_path / "results.sqlite")
+    written = _fill(db, plan, np.random.default_rng(0))
+    longest = [arm for (arm, role, _, _) in written if arm.endswith(" epochs") and role == "defended"][-1]
+    row = written[(longest, "defended", "mimic", plan.tasks[0])]
+    row["extra"] = {**row_records({**row["extra"], "loss_history": records["loss_history"]})}
+    db.add_evaluation(row)
+    table = _build(db, plan).table.set_index("setting")
+    assert table.loc[longest, "final objective"] == pytest.approx(6.5)
 
 
 def test_a_missing_result_is_an_error_that_says_how_to_compute_it(tmp_path):

@@ -373,8 +373,7 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         "encoder_seconds": encoder_meta.get("seconds"), "eval_seconds": meta.get("seconds"),
         "device": meta.get("device"), "code_version": stage.code,
         "config": {"eval": stage.spec, "encoder": encoder_meta.get("spec")},
-        "extra": {**{k: v for k, v in encoder_meta.get("records", {}).items()  # curves stay in the artifact
-                     if not (isinstance(v, list) and len(v) > 64)},
+        "extra": {**row_records(encoder_meta.get("records", {})),
                   **{k: v for k, v in encoder_meta.get("result", {}).items() if k in ("n_clean", "defense_data")},
                   **_pretrain_extra(encoder_meta.get("result", {}).get("pretrain_data")),
                   **{k: v for k, v in meta["result"].items()  # a screened encoder's rejection rates
@@ -383,6 +382,18 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
     }
     env.db.add_evaluation(row)
+    return row
+
+
+def row_records(records: dict) -> dict:
+    """A stage's records for its results row: a long curve (over 64 entries) stays in the artifact and only
+    its last entry comes along, as ``<name>_last`` (a 160-epoch loss history still gives its final losses)."""
+    row = {}
+    for name, value in records.items():
+        if isinstance(value, list) and len(value) > 64:
+            row[f"{name}_last"] = value[-1]
+        else:
+            row[name] = value
     return row
 
 
