@@ -124,9 +124,10 @@ def _percent_axis(ax, xlabel: str = "", ylabel: str = "ACC / ASR (%)", legend_co
     _legend_below(ax, legend_columns)
 
 
-def _legend_below(ax, ncol: int = 4) -> None:
-    """The legend under the axes: bars and lines reach 100 %, so a legend inside would cover data."""
-    ax.legend(fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+def _legend_below(ax, ncol: int = 4, offset: float = -0.2) -> None:
+    """The legend under the axes: bars and lines reach 100 %, so a legend inside would cover data.
+    ``offset`` (axes fraction) moves it further down under rotated tick labels."""
+    ax.legend(fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, offset), frameon=False)
 
 
 def _per_task_table(rows: pd.DataFrame, index: list[str], asr: str) -> pd.DataFrame:
@@ -179,8 +180,8 @@ def regime(rows, asr, meas=None):
                    acc_sd=means["ACC sd"], asr_sd=means["ASR sd"])
     ax.plot(range(len(means)), reference.loc[means.arm, "ASR"], linestyle="none", marker="_", markersize=18,
             color=REF_COLOUR, label="ASR undefended")
-    _legend_below(ax)
     ax.tick_params(axis="x", labelrotation=20)
+    _legend_below(ax, offset=-0.36)  # under the rotated labels and the axis title
     table = _per_task_table(defended, ["arm"], asr)
     table.insert(1, "final objective", [_final_objective(defended[defended.arm == arm]) for arm in means.arm])
     table.insert(1, "seconds", means.seconds.values)
