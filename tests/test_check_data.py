@@ -84,3 +84,26 @@ def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypa
     assert "[ctrl]" in lines[1] and lines[1].endswith("FAILS"), lines
     stale_only = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v6")
     assert len(stale_only) == 1 and "no clean rows" in stale_only[0] and "synthetic-v6" in stale_only[0]
+
+
+def test_clean_encoder_premise_is_read_on_the_mean_when_there_are_several_seeds(monkeypatch):
+    import importlib
+    import json
+
+    import pandas as pd
+
+    check_data = importlib.import_module("defbench.benchmark.commands.check_data")
+    table = importlib.import_module("defbench.benchmark.commands.table")
+    config = json.dumps({"eval": {"data": "synthetic-v5"}})
+    draws = [(0, 19.7), (1, 8.0), (2, 6.0)]  # one draw over the limit, their mean under it
+
+    class FakeDB:
+        def evaluations(self, **_):
+            return pd.DataFrame([{"pretrain": "synth-cifar10", "seed": seed, "asr_all": asr, "attack": "badencoder",
+                                  "eval_key": f"k{seed}", "config": config} for seed, asr in draws])
+    monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
+    lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5")
+    assert len(lines) == 4, lines
+    assert lines[0].endswith("FAILS") and lines[1].endswith("ok"), lines
+    assert "mean of 3 seeds" in lines[3] and "11.23 ± 7.40 %" in lines[3] and lines[3].endswith("ok"), lines
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import click
+import numpy as np
 
 from ..datasets import FAMILIES
 from ..datasets.premises import TARGETS, data_premises
@@ -48,13 +49,21 @@ def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> l
         return [f"clean-encoder ASR: no clean rows for {name} ({version}) at profile {profile}; "
                 f"`defbench grid --profile {profile}` computes them"]
     limit = 100.0 / classes + CHANCE_MARGIN
-    lines = []
+    lines, draws = [], {}
     # row groups whose triggers are alike share one clean evaluation: one line that names them all
     for _, same in rows.groupby("eval_key", sort=False):
         row = same.iloc[0]
         groups = ", ".join(sorted(set(same.attack)))
         lines.append(_line(f"clean-encoder ASR [{groups}] ({row.pretrain}, seed {row.seed})",
                            f"{row.asr_all:.2f} %", f"<= {limit:.1f} %", row.asr_all <= limit))
+        draws.setdefault((groups, row.pretrain), {})[row.seed] = row.asr_all
+    # one seed is one draw (README, "Where things go"): with several, the premise is read on their mean
+    for (groups, pretrain), by_seed in draws.items():
+        if len(by_seed) > 1:
+            values = np.array(list(by_seed.values()))
+            lines.append(_line(f"clean-encoder ASR [{groups}] ({pretrain}, mean of {len(values)} seeds)",
+                               f"{values.mean():.2f} ± {values.std(ddof=1):.2f} %", f"<= {limit:.1f} %",
+                               values.mean() <= limit))
     return lines
 
 
