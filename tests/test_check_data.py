@@ -77,6 +77,7 @@ def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypa
                                  row("synthetic-v5r1", 3.0, "badencoder", "b"),
                                  row("synthetic-v5r1", 30.0, "ctrl", "c")])
     monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
+    monkeypatch.setattr(check_data, "profile_rows", lambda rows, profile: rows)  # fake keys: tested below
     lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
     # one line per clean evaluation, naming every row group whose trigger it stamps
     assert len(lines) == 2, lines
@@ -102,8 +103,29 @@ def test_clean_encoder_premise_is_read_on_the_mean_when_there_are_several_seeds(
             return pd.DataFrame([{"pretrain": "synth-cifar10", "seed": seed, "asr_all": asr, "attack": "badencoder",
                                   "eval_key": f"k{seed}", "config": config} for seed, asr in draws])
     monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
+    monkeypatch.setattr(check_data, "profile_rows", lambda rows, profile: rows)  # fake keys: tested below
     lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5")
     assert len(lines) == 4, lines
     assert lines[0].endswith("FAILS") and lines[1].endswith("ok"), lines
     assert "mean of 3 seeds" in lines[3] and "11.23 ± 7.40 %" in lines[3] and lines[3].endswith("ok"), lines
+
+
+def test_only_the_profiles_own_clean_rows_speak_for_the_data():
+    """A study arm's clean encoder (a wider one) has another key than the profile's: its row is left out."""
+    import importlib
+
+    import pandas as pd
+
+    from defbench.benchmark.pipeline.plan import planned_evaluation_key
+    from defbench.benchmark.pipeline.settings import load_profile
+
+    check_data = importlib.import_module("defbench.benchmark.commands.check_data")
+    cell = ("badencoder", "none", "clean", "synth-cifar10", "synth-svhn")
+    own = planned_evaluation_key(load_profile("tiny", {"seed": 1}), *cell)
+    wider = planned_evaluation_key(load_profile("tiny", {"seed": 1, "encoder.width": 32}), *cell)
+    assert own and wider and own != wider
+    rows = pd.DataFrame([dict(zip(["attack", "defense", "role", "pretrain", "downstream"], cell), seed=1,
+                              eval_key=key, asr_all=asr) for key, asr in ((own, 9.0), (wider, 30.0))])
+    kept = check_data.profile_rows(rows, "tiny")
+    assert list(kept.eval_key) == [own]
 

@@ -11,6 +11,7 @@ import json
 
 import click
 import numpy as np
+import pandas as pd
 
 from ..datasets import FAMILIES
 from ..datasets.premises import TARGETS, data_premises
@@ -32,6 +33,22 @@ def _on_version(config: str, version: str) -> bool:
         return False
 
 
+def profile_rows(rows, profile: str):
+    """Only the rows today's code and the profile's own settings give, seed by seed (Table I's rule,
+    ``tables.current_rows``): a study arm's clean encoder (a wider one) or an attacker-side variant's
+    trigger is another scenario, not the data's premise."""
+    import functools
+
+    from ...reports import tables
+    from ..pipeline.plan import planned_evaluation_key
+    from ..pipeline.settings import load_profile
+
+    kept = [tables.current_rows(same, functools.partial(planned_evaluation_key,
+                                                        load_profile(profile, {"seed": int(seed)})))[0]
+            for seed, same in rows.groupby("seed", sort=False)]
+    return pd.concat(kept) if kept else rows
+
+
 def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> list[str]:
     """One line per clean-encoder evaluation of task ``name`` on data ``version`` in the results database
     (read-only), naming the row groups (attacks) whose trigger it stamps: rows computed on an earlier draw
@@ -45,6 +62,7 @@ def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> l
         return [f"clean-encoder ASR: no results database; run `defbench grid --profile {profile}` first"]
     rows = db.evaluations(profile=profile, role="clean", downstream=name)
     rows = rows[[_on_version(config, version) for config in rows.config]] if not rows.empty else rows
+    rows = profile_rows(rows, profile)
     if rows.empty:
         return [f"clean-encoder ASR: no clean rows for {name} ({version}) at profile {profile}; "
                 f"`defbench grid --profile {profile}` computes them"]
