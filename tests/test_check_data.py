@@ -78,13 +78,14 @@ def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypa
                                  row("synthetic-v5r1", 30.0, "ctrl", "c")])
     monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
     monkeypatch.setattr(check_data, "profile_rows", lambda rows, profile: rows)  # fake keys: tested below
-    lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
+    lines, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
+    assert not holds  # ctrl's clean row fails, so the premise fails
     # one line per clean evaluation, naming every row group whose trigger it stamps
     assert len(lines) == 2, lines
     assert "[badencoder, bassl]" in lines[0] and "3.00 %" in lines[0] and lines[0].endswith("ok"), lines
     assert "[ctrl]" in lines[1] and lines[1].endswith("FAILS"), lines
-    stale_only = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v6")
-    assert len(stale_only) == 1 and "no clean rows" in stale_only[0] and "synthetic-v6" in stale_only[0]
+    stale_only, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v6")
+    assert holds and len(stale_only) == 1 and "no clean rows" in stale_only[0] and "synthetic-v6" in stale_only[0]
 
 
 def test_clean_encoder_premise_is_read_on_the_mean_when_there_are_several_seeds(monkeypatch):
@@ -104,8 +105,8 @@ def test_clean_encoder_premise_is_read_on_the_mean_when_there_are_several_seeds(
                                   "eval_key": f"k{seed}", "config": config} for seed, asr in draws])
     monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
     monkeypatch.setattr(check_data, "profile_rows", lambda rows, profile: rows)  # fake keys: tested below
-    lines = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5")
-    assert len(lines) == 4, lines
+    lines, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5")
+    assert holds and len(lines) == 4, lines
     assert lines[0].endswith("FAILS") and lines[1].endswith("ok"), lines
     assert "mean of 3 seeds" in lines[3] and "11.23 ± 7.40 %" in lines[3] and lines[3].endswith("ok"), lines
 

@@ -49,23 +49,24 @@ def profile_rows(rows, profile: str):
     return pd.concat(kept) if kept else rows
 
 
-def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> list[str]:
+def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> tuple[list[str], bool]:
     """One line per clean-encoder evaluation of task ``name`` on data ``version`` in the results database
     (read-only), naming the row groups (attacks) whose trigger it stamps: rows computed on an earlier draw
-    of the set say nothing about this one."""
+    of the set say nothing about this one. Also whether the premise holds for every row group (read on
+    the mean over seeds where there are several); True when there are no rows to read."""
     from ...reports.tables import ReportError
     from .table import open_results
 
     try:
         db = open_results(profile)
     except ReportError:  # no database yet: say how to make the rows
-        return [f"clean-encoder ASR: no results database; run `defbench grid --profile {profile}` first"]
+        return [f"clean-encoder ASR: no results database; run `defbench grid --profile {profile}` first"], True
     rows = db.evaluations(profile=profile, role="clean", downstream=name)
     rows = rows[[_on_version(config, version) for config in rows.config]] if not rows.empty else rows
     rows = profile_rows(rows, profile)
     if rows.empty:
         return [f"clean-encoder ASR: no clean rows for {name} ({version}) at profile {profile}; "
-                f"`defbench grid --profile {profile}` computes them"]
+                f"`defbench grid --profile {profile}` computes them"], True
     limit = 100.0 / classes + CHANCE_MARGIN
     lines, draws = [], {}
     # row groups whose triggers are alike share one clean evaluation: one line that names them all
@@ -77,12 +78,13 @@ def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> l
         draws.setdefault((groups, row.pretrain), {})[row.seed] = row.asr_all
     # one seed is one draw (README, "Where things go"): with several, the premise is read on their mean
     for (groups, pretrain), by_seed in draws.items():
-        if len(by_seed) > 1:
-            values = np.array(list(by_seed.values()))
+        values = np.array(list(by_seed.values()))
+        if len(values) > 1:
             lines.append(_line(f"clean-encoder ASR [{groups}] ({pretrain}, mean of {len(values)} seeds)",
                                f"{values.mean():.2f} ± {values.std(ddof=1):.2f} %", f"<= {limit:.1f} %",
                                values.mean() <= limit))
-    return lines
+    holds = all(np.mean(list(by_seed.values())) <= limit for by_seed in draws.values())
+    return lines, holds
 
 
 @click.command(name="check-data")
@@ -111,8 +113,10 @@ def check_data(name, split, count, profile, data_dir):
                        ("white_window_augmented", "white 10x10 window, SimCLR views"),
                        ("trigger_box_half_white", "trigger box half white")):
         click.echo(_line(label, f"{100 * measured[key]:.2f} %", f"<= {100 * TARGETS[key]:.0f} %", passes[key]))
+    clean_holds = True
     if any(name == task for tasks in FAMILIES.values() for task, _ in tasks):
-        for line in clean_encoder_rows(name, profile, classes, measured["data_version"]):
+        lines, clean_holds = clean_encoder_rows(name, profile, classes, measured["data_version"])
+        for line in lines:
             click.echo(line)
-    if not all(passes.values()):
+    if not (all(passes.values()) and clean_holds):
         raise SystemExit(1)
