@@ -56,28 +56,34 @@ def test_unknown_dataset_is_one_line():
     assert len(result.output.strip().splitlines()) == 1 and "synth-cifar100" in result.output
 
 
-def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypatch):
-    import json
+def _with_clean_rows(monkeypatch, records: list[dict]):
+    """check_data's module with a results database that holds ``records`` (keys taken as the profile's own)."""
+    import importlib
 
     import pandas as pd
-
-    import importlib
 
     check_data = importlib.import_module("defbench.benchmark.commands.check_data")
     table = importlib.import_module("defbench.benchmark.commands.table")
 
-    def row(version: str, asr: float, attack: str, eval_key: str) -> dict:
-        return {"pretrain": "synth-cifar10", "seed": 0, "asr_all": asr, "attack": attack, "eval_key": eval_key,
-                "config": json.dumps({"eval": {"data": version}})}
-
-    class FakeDB:
+    class FakeResults:
         def evaluations(self, **_):
-            return pd.DataFrame([row("synthetic-v5", 40.0, "badencoder", "a"),
-                                 row("synthetic-v5r1", 3.0, "bassl", "b"),
-                                 row("synthetic-v5r1", 3.0, "badencoder", "b"),
-                                 row("synthetic-v5r1", 30.0, "ctrl", "c")])
-    monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
+            return pd.DataFrame(records)
+    monkeypatch.setattr(table, "open_results", lambda profile: FakeResults())
     monkeypatch.setattr(check_data, "profile_rows", lambda rows, profile: rows)  # fake keys: tested below
+    return check_data
+
+
+def _clean_row(version: str, asr: float, attack: str = "badencoder", eval_key: str = "k", seed: int = 0) -> dict:
+    import json
+    return {"pretrain": "synth-cifar10", "seed": seed, "asr_all": asr, "attack": attack, "eval_key": eval_key,
+            "config": json.dumps({"eval": {"data": version}})}
+
+
+def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypatch):
+    check_data = _with_clean_rows(monkeypatch, [_clean_row("synthetic-v5", 40.0, "badencoder", "a"),
+                                                _clean_row("synthetic-v5r1", 3.0, "bassl", "b"),
+                                                _clean_row("synthetic-v5r1", 3.0, "badencoder", "b"),
+                                                _clean_row("synthetic-v5r1", 30.0, "ctrl", "c")])
     lines, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
     assert not holds  # ctrl's clean row fails, so the premise fails
     # one line per clean evaluation, naming every row group whose trigger it stamps
@@ -89,22 +95,9 @@ def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypa
 
 
 def test_clean_encoder_premise_is_read_on_the_mean_when_there_are_several_seeds(monkeypatch):
-    import importlib
-    import json
-
-    import pandas as pd
-
-    check_data = importlib.import_module("defbench.benchmark.commands.check_data")
-    table = importlib.import_module("defbench.benchmark.commands.table")
-    config = json.dumps({"eval": {"data": "synthetic-v5"}})
     draws = [(0, 19.7), (1, 8.0), (2, 6.0)]  # one draw over the limit, their mean under it
-
-    class FakeDB:
-        def evaluations(self, **_):
-            return pd.DataFrame([{"pretrain": "synth-cifar10", "seed": seed, "asr_all": asr, "attack": "badencoder",
-                                  "eval_key": f"k{seed}", "config": config} for seed, asr in draws])
-    monkeypatch.setattr(table, "open_results", lambda profile: FakeDB())
-    monkeypatch.setattr(check_data, "profile_rows", lambda rows, profile: rows)  # fake keys: tested below
+    check_data = _with_clean_rows(monkeypatch, [_clean_row("synthetic-v5", asr, eval_key=f"k{seed}", seed=seed)
+                                                for seed, asr in draws])
     lines, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5")
     assert holds and len(lines) == 4, lines
     assert lines[0].endswith("FAILS") and lines[1].endswith("ok"), lines
