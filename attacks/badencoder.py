@@ -75,7 +75,7 @@ def pick_references(target_images: torch.Tensor, clean, cfg: BadEncoderConfig, c
 
 # Scaled-down settings, shared by the BadEncoder variants (DRUPE, the adaptive attack) so that they differ
 # from BadEncoder only by their extra terms; how they were chosen: docs/methods/badencoder.md.
-TINY = {"epochs": 3, "lr": 0.03, "batch_size": 128, "shadow_images": 5000, "n_reference": 10, "ref_views": 2}
+TINY = {"epochs": 10, "lr": 0.03, "batch_size": 128, "shadow_images": 5000, "n_reference": 10, "ref_views": 2}
 CI = {"epochs": 5, "lr": 0.01, "batch_size": 64, "shadow_images": 1000, "n_reference": 10, "ref_views": 2}
 
 
