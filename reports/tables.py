@@ -146,21 +146,42 @@ def defenses_using_pretrain_data(rows: pd.DataFrame, defenses: list[str]) -> lis
 
 
 def combine_seeds(tables: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Mean and standard deviation over seeds of several :func:`table1` frames (one per seed), cell by cell
-    (Average rows included: the sd of an average is the spread of the per-seed averages). With one seed the
-    sd is None: there is no spread to report."""
+    """Mean and standard deviation over seeds of several :func:`table1` frames (one per seed), cell by cell.
+
+    A task row's mean and sd are over the seeds that measured it. An attack's Average row is the average
+    of its task rows' means, and its sd the spread of the per-seed averages of the seeds that measured
+    every one of those rows (none when fewer than two did): averages over different task sets are never
+    mixed. With one seed the sd is None: there is no spread to report."""
     if len(tables) == 1:
         return tables[0], None
     keys = [("attack", ""), ("pretrain", ""), ("downstream", "")]
-    stacked = pd.concat(tables, ignore_index=True)
-    order = stacked[keys].drop_duplicates()
-    grouped = stacked.groupby(keys, sort=False)
+    is_task = [t[("pretrain", "")] != "Average" for t in tables]
+    stacked = pd.concat([t[rows] for t, rows in zip(tables, is_task)], ignore_index=True)
     metrics = [c for c in stacked.columns if c not in keys]
-    mean = grouped[metrics].mean().reset_index()
-    sd = grouped[metrics].std(ddof=1).reset_index()
-    mean = order.merge(mean, on=keys, how="left")[stacked.columns]
-    sd = order.merge(sd, on=keys, how="left")[stacked.columns]
-    return mean, sd
+    grouped = stacked.groupby(keys, sort=False)
+    order = stacked[keys].drop_duplicates()
+    mean = order.merge(grouped[metrics].mean().reset_index(), on=keys, how="left")[stacked.columns]
+    sd = order.merge(grouped[metrics].std(ddof=1).reset_index(), on=keys, how="left")[stacked.columns]
+    mean_parts, sd_parts = [], []
+    for attack, group in mean.groupby(("attack", ""), sort=False):
+        mean_parts.append(group)
+        sd_parts.append(sd.loc[group.index])
+        needed = set(map(tuple, group[keys[1:]].values))
+        complete = [t[~rows & (t[("attack", "")] == attack)] for t, rows in zip(tables, is_task)
+                    if set(map(tuple, t[rows & (t[("attack", "")] == attack)][keys[1:]].values)) == needed]
+        average = {("attack", ""): attack, ("pretrain", ""): "Average", ("downstream", ""): ""}
+        spread = dict(average)
+        for col in metrics:
+            present = group[col].dropna()
+            average[col] = present.mean() if len(present) else None
+            if 0 < len(present) < len(group):
+                average[("downstream", "")] = "†"
+            values = [t[col].iloc[0] for t in complete if len(t)]
+            spread[col] = pd.Series(values, dtype=float).std(ddof=1) if len(values) > 1 else None
+        spread[("downstream", "")] = average[("downstream", "")]
+        mean_parts.append(pd.DataFrame([average], columns=stacked.columns))
+        sd_parts.append(pd.DataFrame([spread], columns=stacked.columns))
+    return pd.concat(mean_parts, ignore_index=True), pd.concat(sd_parts, ignore_index=True)
 
 
 def _separated_best(values: dict[str, float], spreads: dict[str, float] | None, lower: bool) -> str | None:
@@ -207,12 +228,17 @@ def _cells(table: pd.DataFrame, sd: pd.DataFrame | None, defenses: list[str], bo
     return headers, body
 
 
-def _bold_note(sd: pd.DataFrame | None, n_seeds: int) -> str:
+def _bold_note(table: pd.DataFrame, sd: pd.DataFrame | None, n_seeds: int) -> str:
     if sd is None:
         return ("No best is marked: with one seed there is no spread to tell a best from noise "
                 "(`--seeds 0,1,2` gives mean ± sd and marks separated bests).")
-    return (f"mean ± sd over {n_seeds} seeds. Bold: best ACC / lowest ASR among the defenses (Undefended "
+    note = (f"mean ± sd over {n_seeds} seeds. Bold: best ACC / lowest ASR among the defenses (Undefended "
             "excluded), only where it beats the runner-up by more than the sum of their sds.")
+    measured = [c for c in table.columns[3:] if not c[1].startswith("paper")]
+    if (table[measured].notna() & sd[measured].isna()).any().any():
+        note += (" A cell without ± rests on one seed (the other seeds' rows are not in the database yet) and "
+                 "is never bold.")
+    return note
 
 
 def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str], title: str,
@@ -229,9 +255,9 @@ def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str],
         headers, body = _cells(table, sd, defenses, lambda t: f"**{t}**")
         text = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
         return f"### {title}\n\n{text}\n\n" + "\n".join(f"- {n}" for n in notes) + \
-            f"\n- {_bold_note(sd, n_seeds)}\n"
+            f"\n- {_bold_note(table, sd, n_seeds)}\n"
     if fmt == "latex":
-        notes = notes + [_bold_note(sd, n_seeds)]
+        notes = notes + [_bold_note(table, sd, n_seeds)]
         headers, body = _cells(table, sd, defenses, lambda t: f"\\textbf{{{t}}}")
         def escape(text: str) -> str:
             for raw, tex in (("±", "$\\pm$"), ("→", "$\\rightarrow$"), ("_", "\\_"), ("%", "\\%")):

@@ -45,6 +45,26 @@ def test_a_best_within_the_spread_is_not_bold():
     assert "**" not in text.split("\n\n- ")[0]
 
 
+def test_a_row_measured_at_fewer_seeds_shows_no_spread_and_the_table_says_so():
+    def rows(seed: int, downstream: str, ft_asr: float) -> pd.DataFrame:
+        frame = _rows(seed, {"undefended": (70, 99), "ft": (72, ft_asr), "mimic": (60, 10)})
+        return frame.assign(downstream=downstream)
+    per_seed = [pd.concat([rows(0, "synth-stl10", 50), rows(0, "synth-svhn", 40)]),
+                rows(1, "synth-stl10", 54)]  # seed 1 has no synth-svhn rows yet
+    text = _render(per_seed)
+    svhn = next(line for line in text.splitlines() if "synth-svhn" in line)
+    stl10 = next(line for line in text.splitlines() if "synth-stl10" in line)
+    assert "52.00 ± 2.83" in stl10 and "40.00 " in svhn and "±" not in svhn and "**" not in svhn
+    # the Average is over the rows' means (52 and 40); only seed 0 measured both rows: no spread for it
+    average = next(line for line in text.splitlines() if "Average" in line)
+    assert "46.00 " in average and "±" not in average, average
+    assert "A cell without ± rests on one seed" in text
+    both = _render([pd.concat([rows(s, "synth-stl10", 50 + 2 * s), rows(s, "synth-svhn", 40)]) for s in (0, 1)])
+    assert "rests on one seed" not in both
+    # every seed complete: the sd of the Average is the spread of the per-seed averages (45 and 46)
+    assert "45.50 ± 0.71" in next(line for line in both.splitlines() if "Average" in line)
+
+
 def test_one_seed_marks_no_best_and_says_why():
     text = _render([_rows(0, {"undefended": (70, 99), "ft": (72, 50), "mimic": (60, 10)})])
     table = text.split("\n\n- ")[0]

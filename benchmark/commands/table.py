@@ -111,15 +111,21 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
     else:
         columns = chosen or list(prof.grid.defenses) + sorted(
             set(every[every.role == "defended"].defense) - set(prof.grid.defenses))
-        frames = []
-        for rows in per_seed:
-            frame, table_notes = tables.table1(rows, columns, asr_convention, compare_paper)
+        frames, table_notes = [], []
+        measured = [(p, rows) for p, rows in zip(profiles, per_seed) if not rows[rows.role != "clean"].empty]
+        for _, rows in measured or list(zip(profiles, per_seed))[:1]:  # none measured: table1 says so
+            frame, frame_notes = tables.table1(rows, columns, asr_convention, compare_paper)
             frames.append(frame)
+            table_notes += [n for n in frame_notes if n not in table_notes]
+        unmeasured = [str(p.seed) for p in profiles if all(p is not q for q, _ in measured)]
+        if unmeasured:
+            table_notes.append(f"seed(s) {', '.join(unmeasured)}: no rows in the database yet "
+                               f"(`defbench grid --profile {prof.name} --seeds ...` computes them).")
         mean, sd = tables.combine_seeds(frames)
         table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
                         if name in set(every.attack)]
         title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
-        text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(profiles))
+        text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(frames))
     write_output(text, output)
 
 
