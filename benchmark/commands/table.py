@@ -117,7 +117,8 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
             frame, frame_notes = tables.table1(rows, columns, asr_convention, compare_paper)
             frames.append(frame)
             table_notes += [n for n in frame_notes if n not in table_notes]
-        unmeasured = [str(p.seed) for p in profiles if all(p is not q for q, _ in measured)]
+        measured_seeds = {p.seed for p, _ in measured}
+        unmeasured = [str(p.seed) for p in profiles if p.seed not in measured_seeds]
         if unmeasured:
             table_notes.append(f"seed(s) {', '.join(unmeasured)}: no rows in the database yet "
                                f"(`defbench grid --profile {prof.name} --seeds ...` computes them).")
