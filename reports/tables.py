@@ -63,6 +63,11 @@ def stale_note(left_out: int, profile: str) -> str:
             f"out; `defbench grid --profile {profile}` recomputes them.")
 
 
+def partial_average_note(attack: str) -> str:
+    """The note under a table whose Average row for ``attack`` (marked †) misses some cells."""
+    return f"† {attack}: the average of a column uses only the cells present in it."
+
+
 def paper_table() -> pd.DataFrame:
     path = resources.files("defbench.benchmark") / "data" / "paper_table1.csv"
     return pd.read_csv(path.open())
@@ -114,7 +119,7 @@ def table1(rows: pd.DataFrame, defenses: list[str], convention: str = "all",
             incomplete |= 0 < len(present) < len(group)
         if incomplete:
             average[("downstream", "")] = "†"
-            notes.append(f"† {attack}: the average of a column uses only the cells present in it.")
+            notes.append(partial_average_note(attack))
         out.append(pd.DataFrame([average], columns=group.columns))
     with_pretrain = defenses_using_pretrain_data(rows, defenses)
     if with_pretrain:
@@ -191,8 +196,10 @@ def _separated_best(values: dict[str, float], spreads: dict[str, float] | None, 
         return None
     ranked = sorted(values, key=values.get, reverse=not lower)
     best, runner = ranked[0], ranked[1]
-    gap = abs(values[runner] - values[best])
-    return best if gap > (spreads.get(best) or 0.0) + (spreads.get(runner) or 0.0) else None
+    margin = [spreads.get(best), spreads.get(runner)]
+    if any(m is None or pd.isna(m) for m in margin):  # a cell that fewer seeds measured: no spread to compare
+        return None
+    return best if abs(values[runner] - values[best]) > sum(margin) else None
 
 
 def _best(row: pd.Series, sd_row: pd.Series | None, defenses: list[str]) -> tuple[str | None, str | None]:

@@ -116,13 +116,16 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
         for _, rows in measured or list(zip(profiles, per_seed))[:1]:  # none measured: table1 says so
             frame, frame_notes = tables.table1(rows, columns, asr_convention, compare_paper)
             frames.append(frame)
-            table_notes += [n for n in frame_notes if n not in table_notes]
+            # the † note is said below, for the combined table
+            table_notes += [n for n in frame_notes if n not in table_notes and not n.startswith("†")]
         measured_seeds = {p.seed for p, _ in measured}
         unmeasured = [str(p.seed) for p in profiles if p.seed not in measured_seeds]
         if unmeasured:
             table_notes.append(f"seed(s) {', '.join(unmeasured)}: no rows in the database yet "
                                f"(`defbench grid --profile {prof.name} --seeds ...` computes them).")
         mean, sd = tables.combine_seeds(frames)
+        table_notes += [tables.partial_average_note(attack)
+                        for attack in mean[mean[("downstream", "")] == "†"][("attack", "")]]
         table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
                         if name in set(every.attack)]
         title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
