@@ -73,17 +73,18 @@ def _with_clean_rows(monkeypatch, records: list[dict]):
     return check_data
 
 
-def _clean_row(version: str, asr: float, attack: str = "badencoder", eval_key: str = "k", seed: int = 0) -> dict:
+def _clean_row(version: str, asr: float, attack: str = "badencoder", eval_key: str = "k", seed: int = 0,
+               trigger: str = "patch") -> dict:
     import json
     return {"pretrain": "synth-cifar10", "seed": seed, "asr_all": asr, "attack": attack, "eval_key": eval_key,
-            "config": json.dumps({"eval": {"data": version}})}
+            "config": json.dumps({"eval": {"data": version, "trigger": {"type": trigger}}})}
 
 
 def test_clean_encoder_rows_are_read_only_for_the_data_version_measured(monkeypatch):
     check_data = _with_clean_rows(monkeypatch, [_clean_row("synthetic-v5", 40.0, "badencoder", "a"),
                                                 _clean_row("synthetic-v5r1", 3.0, "bassl", "b"),
                                                 _clean_row("synthetic-v5r1", 3.0, "badencoder", "b"),
-                                                _clean_row("synthetic-v5r1", 30.0, "ctrl", "c")])
+                                                _clean_row("synthetic-v5r1", 30.0, "ctrl", "c", trigger="ctrl")])
     lines, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5r1")
     assert not holds  # ctrl's clean row fails, so the premise fails
     # one line per clean evaluation, naming every row group whose trigger it stamps
@@ -102,6 +103,16 @@ def test_clean_encoder_premise_is_read_on_the_mean_when_there_are_several_seeds(
     assert holds and len(lines) == 4, lines
     assert lines[0].endswith("FAILS") and lines[1].endswith("ok"), lines
     assert "mean of 3 seeds" in lines[3] and "11.23 ± 7.40 %" in lines[3] and lines[3].endswith("ok"), lines
+
+
+def test_seeds_are_matched_by_trigger_even_when_other_row_groups_share_one_seed(monkeypatch):
+    """DRUPE's probe shares seed 0's clean evaluation with BadEncoder (same patch); seed 1 has BadEncoder only."""
+    check_data = _with_clean_rows(monkeypatch, [_clean_row("synthetic-v5", 19.7, "badencoder", "k0"),
+                                                _clean_row("synthetic-v5", 19.7, "drupe", "k0"),
+                                                _clean_row("synthetic-v5", 4.9, "badencoder", "k1", seed=1)])
+    lines, holds = check_data.clean_encoder_rows("synth-svhn", "tiny", 10, "synthetic-v5")
+    assert holds and len(lines) == 3, lines
+    assert "[badencoder, drupe]" in lines[2] and "mean of 2 seeds" in lines[2] and lines[2].endswith("ok"), lines
 
 
 def test_only_the_profiles_own_clean_rows_speak_for_the_data():

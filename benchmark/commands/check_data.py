@@ -33,6 +33,14 @@ def _on_version(config: str, version: str) -> bool:
         return False
 
 
+def _trigger(config) -> str:
+    """The trigger a clean evaluation stamped, as stable text ("" when the row does not record it)."""
+    try:
+        return json.dumps(json.loads(config)["eval"].get("trigger"), sort_keys=True)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return ""
+
+
 def profile_rows(rows, profile: str):
     """Only the rows today's code and the profile's own settings give, seed by seed (Table I's rule,
     ``tables.current_rows``): a study arm's clean encoder (a wider one) or an attacker-side variant's
@@ -75,13 +83,17 @@ def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> t
         groups = ", ".join(sorted(set(same.attack)))
         lines.append(_line(f"clean-encoder ASR [{groups}] ({row.pretrain}, seed {row.seed})",
                            f"{row.asr_all:.2f} %", f"<= {limit:.1f} %", row.asr_all <= limit))
-        draws.setdefault((groups, row.pretrain), {})[row.seed] = row.asr_all
+        # seeds are matched by pre-training set and trigger, not by which row groups happen to share a seed
+        draw = draws.setdefault((row.pretrain, _trigger(row.config)), {"attacks": set(), "asr": {}})
+        draw["attacks"] |= set(same.attack)
+        draw["asr"][row.seed] = row.asr_all
     # one seed is one draw (README, "Where things go"): with several, the premise is read on their mean
     holds = True
-    for (groups, pretrain), by_seed in draws.items():
-        values = np.array(list(by_seed.values()))
+    for (pretrain, _), draw in draws.items():
+        values = np.array(list(draw["asr"].values()))
         holds = holds and values.mean() <= limit
         if len(values) > 1:
+            groups = ", ".join(sorted(draw["attacks"]))
             lines.append(_line(f"clean-encoder ASR [{groups}] ({pretrain}, mean of {len(values)} seeds)",
                                f"{values.mean():.2f} ± {values.std(ddof=1):.2f} %", f"<= {limit:.1f} %",
                                values.mean() <= limit))
