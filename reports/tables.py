@@ -111,14 +111,8 @@ def table1(rows: pd.DataFrame, defenses: list[str], convention: str = "all",
     out = []
     for attack, group in table.groupby(("attack", ""), sort=False):
         out.append(group)
-        average = {("attack", ""): attack, ("pretrain", ""): "Average", ("downstream", ""): ""}
-        incomplete = False
-        for col in group.columns[3:]:
-            present = group[col].dropna()
-            average[col] = present.mean() if len(present) else None
-            incomplete |= 0 < len(present) < len(group)
-        if incomplete:
-            average[("downstream", "")] = "†"
+        average = _average_row(attack, group, group.columns[3:])
+        if average[("downstream", "")]:
             notes.append(partial_average_note(attack))
         out.append(pd.DataFrame([average], columns=group.columns))
     with_pretrain = defenses_using_pretrain_data(rows, defenses)
@@ -130,6 +124,18 @@ def table1(rows: pd.DataFrame, defenses: list[str], convention: str = "all",
         notes.append("paper = the MIMIC paper's Table I (real CIFAR-10/STL-10/GTSRB/SVHN); synthetic "
                      "stand-ins are compared with the dataset they stand in for.")
     return pd.concat(out, ignore_index=True), notes
+
+
+def _average_row(attack: str, group: pd.DataFrame, metrics) -> dict:
+    """An attack's Average row: each metric's mean over the task rows that have it; the downstream
+    cell is "†" when some metric misses a row (a partial average), else empty."""
+    average = {("attack", ""): attack, ("pretrain", ""): "Average", ("downstream", ""): ""}
+    for col in metrics:
+        present = group[col].dropna()
+        average[col] = present.mean() if len(present) else None
+        if 0 < len(present) < len(group):
+            average[("downstream", "")] = "†"
+    return average
 
 
 PRETRAIN_DATA = "clean set + pre-training set"  # a defended row's extra["defense_data"] (benchmark.pipeline.stages)
@@ -174,16 +180,11 @@ def combine_seeds(tables: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFram
         needed = set(map(tuple, group[keys[1:]].values))
         complete = [t[~rows & (t[("attack", "")] == attack)] for t, rows in zip(tables, is_task)
                     if set(map(tuple, t[rows & (t[("attack", "")] == attack)][keys[1:]].values)) == needed]
-        average = {("attack", ""): attack, ("pretrain", ""): "Average", ("downstream", ""): ""}
-        spread = dict(average)
+        average = _average_row(attack, group, metrics)
+        spread = {key: average[key] for key in keys}
         for col in metrics:
-            present = group[col].dropna()
-            average[col] = present.mean() if len(present) else None
-            if 0 < len(present) < len(group):
-                average[("downstream", "")] = "†"
             values = [t[col].iloc[0] for t in complete if len(t)]
             spread[col] = pd.Series(values, dtype=float).std(ddof=1) if len(values) > 1 else None
-        spread[("downstream", "")] = average[("downstream", "")]
         mean_parts.append(pd.DataFrame([average], columns=stacked.columns))
         sd_parts.append(pd.DataFrame([spread], columns=stacked.columns))
     return pd.concat(mean_parts, ignore_index=True), pd.concat(sd_parts, ignore_index=True)
