@@ -104,3 +104,34 @@ def test_a_study_over_seeds_draws_error_bars_and_lists_the_spread(tmp_path):
     with pytest.raises(ablations.ReportError, match="--seeds 0,1,2,3"):  # the missing seed's rows: how to get them
         ablations.build(plans[0].study, rows, db.measurements(study="components"),
                         expected + fourth.expected(fourth.evaluations), [], "ci", [0, 1, 2, 3])
+
+
+def test_table_command_over_seeds_reads_each_seeds_current_rows_and_names_the_unmeasured_one(tmp_path, monkeypatch):
+    """`defbench table table1 --seeds 0,1,2` end to end: each seed's rows are found by that seed's stage keys (a
+    row of another code version is left out and counted), cells show mean ± sd, and seed 2 (no rows) is named."""
+    from click.testing import CliRunner
+
+    from defbench.benchmark.cli import main
+    from defbench.benchmark.pipeline.plan import planned_evaluation_key
+
+    monkeypatch.setenv("DEFBENCH_HOME", str(tmp_path))
+    db = ResultsDB(tmp_path / "results.sqlite")
+    cell = ("badencoder", "synth-cifar10", "synth-stl10")
+    values = {0: {"undefended": (70, 99), "ft": (72, 50)}, 1: {"undefended": (72, 97), "ft": (74, 54)}}
+    for seed, columns in values.items():
+        profile = load_profile("ci", {"seed": seed})
+        for column, (acc, asr) in columns.items():
+            role, defense = ("undefended", "none") if column == "undefended" else ("defended", column)
+            key = planned_evaluation_key(profile, cell[0], defense, role, *cell[1:])
+            for row_key, eval_key, shift in ((f"{seed}-{column}", key, 0), (f"{seed}-{column}-old", "older", 30)):
+                db.add_evaluation({"row_key": row_key, "eval_key": eval_key, "encoder_key": "e", "profile": "ci",
+                                   "overrides": "{}", "seed": seed, "attack": cell[0], "defense": defense,
+                                   "role": role, "pretrain": cell[1], "downstream": cell[2], "target": 9,
+                                   "acc": acc + shift, "asr_all": asr - shift, "asr_excl": asr, "n_test": 100,
+                                   "encoder_seconds": 1.0})
+    result = CliRunner().invoke(main, ["table", "table1", "--profile", "ci", "--seeds", "0,1,2", "--defenses", "ft"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "synth-stl10" in line)
+    assert "71.00 ± 1.41" in row and "98.00 ± 1.41" in row and "73.00 ± 1.41" in row and "52.00 ± 2.83" in row, row
+    assert "seed(s) 2: no rows in the database yet" in result.output
+    assert "4 result(s) in the database come from an older code version" in result.output
