@@ -203,6 +203,31 @@ def test_failed_input_skips_its_users_without_stalling():
     assert statuses["ev113"] == "ran"
 
 
+# ----------------------------------------------------------------- make gpu-check's grid estimate
+
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_estimate_fit_is_linear_and_never_negative():
+    """A cost a + k x is recovered exactly; the first H200 run's shape (the smaller point slower than the
+    larger, warm-up left in it) falls back to proportional from the larger point instead of going negative."""
+    check = _gpu_check()
+    assert check.linear_cost(4, 2 + 4 * 0.5, 12, 2 + 12 * 0.5) == pytest.approx((2.0, 0.5, False))
+    est, proportional = check.extrapolate(0.1, 10.0, 0.3, 9.0)  # s2 ran faster than s1
+    assert est == pytest.approx(30.0) and proportional
+    est, proportional = check.extrapolate(0.1, 1.0, 0.3, 9.0)  # a line through s = 0 below zero
+    assert est == pytest.approx(30.0) and proportional
+    est, proportional = check.extrapolate(0.1, 5.0, 0.3, 9.0)
+    assert est == pytest.approx(23.0) and not proportional
+
+
 # ----------------------------------------------------------------- on a GPU (make gpu-check runs these)
 
 @pytest.mark.cuda

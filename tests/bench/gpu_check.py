@@ -248,9 +248,24 @@ QUICK_SETS = ["encoder.width=8", "pretrain.epochs=1", "pretrain.max_images=256",
 
 # ----------------------------------------------------------------- 4. the paper grid's cost per stage kind
 
-def extrapolate(s1: float, t1: float, s2: float, t2: float) -> float:
-    """The time at s = 1 of a cost linear in s, from two measured points."""
-    return t1 + (t2 - t1) / (s2 - s1) * (1.0 - s1)
+def linear_cost(x1: float, t1: float, x2: float, t2: float) -> tuple[float, float, bool]:
+    """(intercept, slope, proportional?) of a cost t = a + k x from two timed points x1 < x2.
+
+    Both points are timed after a warm-up run; where the slope still comes out not positive (timing noise), or
+    the intercept negative, the cost is taken proportional to x from the larger point (a = 0, k = t2 / x2) and
+    the flag says so -- an estimate never goes negative.
+    """
+    slope = (t2 - t1) / (x2 - x1)
+    intercept = t1 - slope * x1
+    if slope <= 0 or intercept < 0:
+        return 0.0, t2 / x2, True
+    return intercept, slope, False
+
+
+def extrapolate(s1: float, t1: float, s2: float, t2: float) -> tuple[float, bool]:
+    """(the time at s = 1, proportional?) of a cost linear in s, from two measured points."""
+    a, k, proportional = linear_cost(s1, t1, s2, t2)
+    return a + k, proportional
 
 
 def _scaled(cfg, fields: tuple[str, ...], s: float):
@@ -293,12 +308,14 @@ def grid_estimate(device: torch.device, profile_name: str, sets: dict, clock: Cl
     batches = (4, 12) if not quick else (1, 3)
     rows: list[tuple] = []  # (kind, name, seconds per stage, count, note)
 
-    def per_image_pass(run, batch_size: int) -> tuple[float, float] | None:
-        """(intercept, seconds per image pass) from runs over n1 < n2 images."""
+    def per_image_pass(run, batch_size: int) -> tuple[float, float]:
+        """(intercept, seconds per image pass) from runs over n1 < n2 images, after an untimed one-batch run
+        (the first run pays for cuDNN autotuning and first kernels; timed, it made the slope negative)."""
+        run(batch_size)
         ns = [b * batch_size for b in batches]
         ts = [timed(lambda n=n: run(n), device) for n in ns]
-        slope = (ts[1] - ts[0]) / (ns[1] - ns[0])
-        return max(0.0, ts[0] - slope * ns[0]), slope
+        a, k, _ = linear_cost(ns[0], ts[0], ns[1], ts[1])
+        return a, k
 
     def pretrain_run(n: int):
         train_simclr(build_encoder(prof.encoder), images(n), recipe, ctx)
@@ -363,19 +380,22 @@ def grid_estimate(device: torch.device, profile_name: str, sets: dict, clock: Cl
         s1 = max(1.0 / min(values), min(1.0, 5.0 / max(values)))  # every field >= 1, the largest >= 5
         # two points where 3 x s1 stays below the full budget; else one point, the cost taken proportional to s
         scales = (s1, 3 * s1) if 3 * s1 < 1.0 else (s1,)
+        def defend(s: float, component=component, cfg=cfg, fields=fields) -> None:
+            component.fn(clean_encoder.clone().to(device), clean, _scaled(cfg, fields, s), ctx)
         try:
             with time_limit(clock.left()):
-                ts = [timed(lambda s=s: component.fn(clean_encoder.clone().to(device), clean,
-                                                     _scaled(cfg, fields, s), ctx), device) for s in scales]
+                defend(0.0)  # warm-up, untimed: every budget field at 1
+                ts = [timed(lambda s=s: defend(s), device) for s in scales]
         except OverBudget:
             rows.append(("defend", defense, None, counts[("defend", defense)], SKIPPED))
             continue
         except Exception as err:
             rows.append(("defend", defense, None, counts[("defend", defense)], f"failed: {type(err).__name__}: {err}"))
             continue
-        est = extrapolate(scales[0], ts[0], scales[1], ts[1]) if len(ts) == 2 else ts[0] / s1
+        est, proportional = extrapolate(scales[0], ts[0], scales[1], ts[1]) if len(ts) == 2 else (ts[0] / s1, True)
         paper = f"; paper {PAPER_COST[defense]:,.0f} s per cell" if defense in PAPER_COST else ""
-        points = ", ".join(f"x {s:.3g} -> {t:.1f} s" for s, t in zip(scales, ts))
+        points = ", ".join(f"x {s:.3g} -> {t:.1f} s" for s, t in zip(scales, ts)) \
+            + (" (proportional)" if proportional else "")
         rows.append(("defend", defense, est, counts[("defend", defense)],
                      f"{len(clean)} clean images, {'+'.join(fields)} {points}{paper}"))
 
