@@ -7,7 +7,8 @@ Prints, on one CUDA GPU (meant to finish in under 8 minutes on an H100):
    forward+backward (or forward) of the same precision on the same GPU, fp32 and bf16 side by side, the bf16
    speed-up of each step, MIMIC's distillation step against its unavoidable work (student fwd+bwd on both views
    + teacher forward), and the input pipeline's share of a SimCLR step (index the resident uint8 batch,
-   convert, augment two views);
+   convert, augment two views); a third column with TF32 off ("fp32 strict": PyTorch's fp32 convolutions
+   use TF32 tensor cores by default, which narrows bf16's gain);
 3. the wall time of one ``tiny`` cell (``defbench run``, fresh store, synthetic data generated included);
 4. for each stage kind of the ``paper`` profile (pre-training, each attack, each defense, evaluation): the real
    stage code run twice at small fractions s1 < s2 of its budget (all of its cost-bearing fields scaled by the
@@ -132,7 +133,12 @@ def step_benchmark(device: torch.device, width: int, batch: int, repeats: int, p
     size = prof.encoder.image_size
     images = resident(torch.randint(0, 256, (4 * batch, 3, size, size), dtype=torch.uint8), device)
     medians: dict[str, dict[str, float]] = {}
-    for precision in ("fp32", "bf16"):
+    # PyTorch runs fp32 convolutions as TF32 on tensor cores by default (cudnn.allow_tf32), so "fp32" is partly
+    # tensor-core arithmetic already; "fp32 strict" turns TF32 off to show how much of bf16's gain that takes
+    tf32_default = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    for mode, precision, tf32 in (("fp32", "fp32", tf32_default), ("bf16", "bf16", tf32_default),
+                                  ("fp32 strict", "fp32", (False, False))):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.manual_seed(0)
         cfg = dataclasses.replace(prof.encoder, precision=precision)
         encoder = build_encoder(cfg).to(device).train()
@@ -195,17 +201,21 @@ def step_benchmark(device: torch.device, width: int, batch: int, repeats: int, p
         for _ in range(repeats):  # interleaved
             for k, fn in fns.items():
                 times[k].append(timed(fn, device))
-        medians[precision] = {k: statistics.median(v) for k, v in times.items()}
+        medians[mode] = {k: statistics.median(v) for k, v in times.items()}
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32_default
     base = {"plain fwd": "plain fwd", "feature extraction": "plain fwd", "input pipeline": "simclr step"}
     print(f"  width {width}, batch {batch}, channels_last {prof.encoder.channels_last}, {repeats} interleaved "
-          "repeats; ratio = median / the same precision's plain fwd+bwd (inference: plain fwd)")
-    print(f"  {'step':<24}{'fp32 ms':>10}{'ratio':>8}{'bf16 ms':>10}{'ratio':>8}{'bf16 speed-up':>15}")
+          f"repeats; ratio = median / the same precision's plain fwd+bwd (inference: plain fwd); TF32 by default "
+          f"(cudnn {tf32_default[0]}, matmul {tf32_default[1]}), off in 'fp32 strict'")
+    print(f"  {'step':<24}{'fp32 ms':>10}{'ratio':>8}{'bf16 ms':>10}{'ratio':>8}{'bf16 speed-up':>15}"
+          f"{'strict ms':>11}{'vs strict':>11}")
     for k in medians["fp32"]:
         ref = base.get(k, "plain fwd+bwd")
-        f, b = medians["fp32"][k], medians["bf16"][k]
+        f, b, strict = medians["fp32"][k], medians["bf16"][k], medians["fp32 strict"][k]
         fr, br = f / medians["fp32"][ref], b / medians["bf16"][ref]
         label = k + (" *" if k == "input pipeline" else "")
-        print(f"  {label:<24}{f * 1e3:10.2f}{fr:8.2f}{b * 1e3:10.2f}{br:8.2f}{f / b:14.2f}x")
+        print(f"  {label:<24}{f * 1e3:10.2f}{fr:8.2f}{b * 1e3:10.2f}{br:8.2f}{f / b:14.2f}x"
+              f"{strict * 1e3:11.2f}{strict / b:10.2f}x")
     print("  * input pipeline: its ratio is its share of the same precision's simclr step")
     for precision in ("fp32", "bf16"):
         m = medians[precision]
