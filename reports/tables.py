@@ -254,6 +254,8 @@ def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str],
     from tabulate import tabulate
     if fmt == "csv":
         flat = table.copy()
+        for col in table.columns[3:]:  # a column with a missing cell holds objects: numeric, so %.2f applies
+            flat[col] = pd.to_numeric(flat[col])
         flat.columns = ["_".join(x for x in c if x).replace(" ", "_").lower() for c in table.columns]
         if sd is not None:
             for col in table.columns[3:]:

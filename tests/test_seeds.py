@@ -71,6 +71,15 @@ def test_one_seed_marks_no_best_and_says_why():
     assert "**" not in table and "±" not in table and "with one seed there is no spread" in text
 
 
+def test_csv_gives_every_number_with_two_decimals_and_a_missing_cell_empty():
+    measured = _rows(0, {"undefended": (70.123456, 99.5), "ft": (72.0000005, 50.25)})
+    no_ft = _rows(0, {"undefended": (60.0, 90.0)}).assign(attack="ctrl")  # an attack no defense was run on
+    frame, _ = tables.table1(pd.concat([measured, no_ft]), ["ft"])
+    lines = tables.render(frame, ["ft"], "csv", [], "t").splitlines()
+    assert lines[1].split(",")[3:] == ["70.12", "99.50", "72.00", "50.25"], lines
+    assert lines[3].split(",")[3:] == ["60.00", "90.00", "", ""], lines
+
+
 def test_grid_plans_each_seed_as_its_own_stages():
     spec = grid_spec(load_profile("ci"), ["badencoder"], ["ft"], ["synth-cifar10"], ["synth-stl10"])
     keys = [set(s.key for s in expand_grid(load_profile("ci", {"seed": seed}), spec).values()) for seed in (0, 1)]
