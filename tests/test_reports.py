@@ -207,3 +207,17 @@ def test_report_help_names_every_registered_study():
     help_text = "".join(CliRunner().invoke(main, ["report", "--help"]).output.split())  # click wraps at hyphens
     missing = [name for name in STUDIES.names() if name not in help_text]
     assert not missing, f"`defbench report --help` does not name {missing}"
+
+
+def test_the_regime_keys_its_clean_x3_arm_as_the_set_a_user_types():
+    """3 x tiny's 0.05 is 0.15000000000000002 in floating point; the arm must key the stage that
+    `--set clean.fraction=0.15` runs, or a user reproducing one arm computes a second, different stage."""
+    from defbench.benchmark.pipeline.plan import cell_stages
+    from defbench.benchmark.pipeline.settings import load_profile, parse_sets
+
+    plan = plan_study("mimic-regime", "tiny")
+    arm = next(s for s in plan.evaluations if s.labels["arm"].startswith("clean x3")
+               and s.labels["role"] == "defended")
+    typed = load_profile("tiny", parse_sets(["clean.fraction=0.15"]))
+    stages = cell_stages(typed, plan.attack, "mimic", plan.pretrain, arm.spec["downstream"])
+    assert arm.key == stages["defended"].key

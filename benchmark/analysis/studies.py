@@ -86,14 +86,20 @@ def frontier_arms(profile: Profile) -> tuple[Arm, ...]:
                             x=scale, sweep=defense, defenses=(defense,)))
     return tuple(arms)
 
+def _decimal(value: float) -> float:
+    """A product such as 3 x 0.05 as the decimal a user types (0.15, not 0.15000000000000002), so that
+    `--set clean.fraction=0.15` runs the very stage the study keys."""
+    return float(f"{value:.12g}")
+
+
 def regime_arms(profile: Profile) -> tuple[Arm, ...]:
     """The studied defense (MIMIC) one factor at a time around the profile's setting: its lr x10, the paper's
     Eq. 6 attention term, 4x and 16x its epochs, twice the encoder width, three times the clean set."""
     cfg = profile.defense_config(profile.studies.defense)
-    fraction = min(1.0, 3 * profile.clean.fraction)
+    fraction, lr = min(1.0, _decimal(3 * profile.clean.fraction)), _decimal(cfg.lr * 10)
     return (
         Arm("as profiled"),
-        Arm(f"lr {cfg.lr * 10:g}", {"defense.lr": cfg.lr * 10}),
+        Arm(f"lr {lr:g}", {"defense.lr": lr}),
         Arm("Eq. 6 attention", {"defense.attention_form": "eq6"}),
         Arm(f"{4 * cfg.epochs} epochs", {"defense.epochs": 4 * cfg.epochs}, x=4 * cfg.epochs),
         Arm(f"{16 * cfg.epochs} epochs", {"defense.epochs": 16 * cfg.epochs}, x=16 * cfg.epochs),
