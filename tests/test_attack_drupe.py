@@ -255,6 +255,16 @@ def _mechanism(encoder, trigger, images):
     return sw.item(), mean_pairwise_cosine(f_trig).item()
 
 
+def _pull(encoder, trigger, images, target_images):
+    """How much the trigger moves an image's feature towards the target class: the mean cosine to the target
+    class's feature centroid, triggered minus clean (the attack's own effectiveness goal, without a probe)."""
+    x, refs = images[:256].float() / 255, target_images[:256].float() / 255
+    with torch.no_grad():
+        centroid = F.normalize(F.normalize(encoder.features(refs), dim=1).mean(0), dim=0)
+        cos = [F.normalize(encoder.features(v), dim=1) @ centroid for v in (trigger.apply(x), x)]
+    return (cos[0] - cos[1]).mean().item()
+
+
 @pytest.fixture(scope="module")
 def drupe_ci(ci_profile, ci_env, ci_stages):
     """DRUPE as the ci profile runs it, on the BadEncoder fixture's pre-training set, task and trigger."""
@@ -277,11 +287,17 @@ def test_drupe_ci_implants_a_backdoor_hidden_better_than_badencoders(drupe_ci, c
     attacked = evaluate_encoder(drupe_ci, train, test, trigger, target, ci_profile.evaluate, ctx.reseed(1))
     sw_drupe, spread_drupe = _mechanism(drupe_ci, trigger, test.images)
     sw_bad, spread_bad = _mechanism(bad, trigger, test.images)
+    refs = train.images[train.labels == target]
+    pull_clean, pull_drupe = (_pull(encoder, trigger, test.images, refs) for encoder in (clean_encoder, drupe_ci))
     print(f"clean {clean}, drupe {attacked}; SW/std, spread: drupe {sw_drupe:.3f}, {spread_drupe:.3f}, "
-          f"badencoder {sw_bad:.3f}, {spread_bad:.3f}")
-    # At ci on generator v5 DRUPE implants weakly (measured: ASR 14.0 -> 29.3, BadEncoder's ci fixture ~95;
-    # higher lr or 10 epochs did not help: docs/methods/drupe.md), so this asserts an implant, not a strong one.
-    assert attacked["asr_all"] > clean["asr_all"] + 10, (clean, attacked)
+          f"badencoder {sw_bad:.3f}, {spread_bad:.3f}; pull to the target: clean {pull_clean:.3f}, "
+          f"drupe {pull_drupe:.3f}")
+    # At ci on generator v5 DRUPE implants weakly (higher lr or 10 epochs did not help: docs/methods/drupe.md), and
+    # the probe's ASR of so weak an implant moves with the CPU's rounding (measured on two 2-core CPUs: 14.0 -> 29.3
+    # and 19.7 -> 27.5). So the implant is asserted on the attack's own goal, the trigger's pull towards the
+    # target class (measured on the second: clean -0.018, DRUPE 0.057, BadEncoder 0.170), and the ASR's direction.
+    assert pull_drupe > pull_clean + 0.04, (pull_clean, pull_drupe)
+    assert attacked["asr_all"] > clean["asr_all"], (clean, attacked)
     assert attacked["acc"] > clean["acc"] - 15, (clean, attacked)  # utility mostly kept
     assert sw_drupe < sw_bad, (sw_drupe, sw_bad)  # triggered embeddings closer in distribution to clean ones
     assert spread_drupe < spread_bad, (spread_drupe, spread_bad)  # and less bunched together

@@ -379,15 +379,16 @@ def _as_release(encoder) -> dict:
 @pytest.mark.slow
 def test_defending_a_published_backdoored_encoder_lowers_its_asr(ci_env, ci_stages, tmp_path):
     """The ci fixture's BadEncoder encoder saved in the release layout (a published checkpoint stand-in), its
-    trigger as a release .npz: `defbench defend` (FT at ci; it sees the file and clean images only) writes a
+    trigger as a release .npz: `defbench defend` (MIMIC at ci; it sees the file and clean images only) writes a
     release-layout file whose ASR `defbench evaluate` (ci's probe) measures well below the undefended one.
-    Measured: ASR excluding the target 68.42 undefended, 46.62 after FT (ACC 42.33 -> 45.83)."""
+    FT, used here before, lowered it by 21.8 points on one CPU and by 7.1 on another (68.42 -> 46.62, 77.63 ->
+    70.49): at ci its effect is within what the CPU's rounding moves; MIMIC's is not (test_mimic.py)."""
     suspect = ci_stages[1]
     encoder = load_checkpoint(ci_env.store.path("attack", suspect.key) / "encoder.pt")[0]
     torch.save({"epoch": 1, "state_dict": _as_release(encoder)}, tmp_path / "published.pth")
     trigger = _release_trigger(tmp_path / "trigger.npz")
     out = tmp_path / "defended.pth"
-    defended = _cli("defend", "--encoder", tmp_path / "published.pth", "--defense", "ft", "--clean", PRETRAIN,
+    defended = _cli("defend", "--encoder", tmp_path / "published.pth", "--defense", "mimic", "--clean", PRETRAIN,
                     "--profile", "ci", "--device", "cpu", "-o", out)
     assert defended.exit_code == 0, defended.output
     assert list(torch.load(out, weights_only=True)["state_dict"]) == list(_as_release(encoder))

@@ -26,8 +26,11 @@ TRIGGER = 6  # the planted trigger's side, on 32 px images
 
 
 class PlantedToy(nn.Module):
-    """A one-stage "encoder": channel 0 fires on near-white pixels (the planted trigger), channel 1 is a small
-    constant; the feature is their spatial mean."""
+    """A one-stage "encoder": channel 0 fires on near-white pixels (the planted trigger), channel 1 weakly on
+    dark ones (never on the trigger); the feature is their spatial mean.
+
+    Channel 1 must vary in space: with a constant channel the Grad-CAM of a cosine score is exactly 0 on the
+    trigger (the score's gradient is orthogonal to the feature), and the window fell wherever rounding put it."""
     stage_names = ("layer4",)
 
     def __init__(self):
@@ -37,7 +40,8 @@ class PlantedToy(nn.Module):
         with torch.no_grad():
             self.backbone.layer4.weight.zero_()
             self.backbone.layer4.weight[0, :, 1, 1] = 1 / 3
-            self.backbone.layer4.bias.copy_(torch.tensor([-0.8, 0.002]))
+            self.backbone.layer4.weight[1, :, 1, 1] = -0.01 / 3
+            self.backbone.layer4.bias.copy_(torch.tensor([-0.8, 0.006]))
 
     def features(self, x):
         return F.relu(self.backbone.layer4(x)).mean((2, 3))
