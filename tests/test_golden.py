@@ -45,6 +45,19 @@ def test_a_broken_defense_shows_up_in_the_diff(tmp_path):
     assert "all 4 values within tolerance" in g.format_diff(ok)
 
 
+def test_the_file_records_its_cpu_kind_and_a_check_elsewhere_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "golden.csv"
+    monkeypatch.setattr(g, "cpu_kind", lambda: "AVX512")
+    g.write_golden(g.golden_frame([_run(SEED0)]), path, [0], "cpu")
+    assert g.golden_cpu(path) == "AVX512" and len(g.read_golden(path)) == 2  # a comment line, not a row
+    assert g.cpu_hint(g.golden_cpu(path)) == ""  # same kind: values that moved are the code's doing
+    monkeypatch.setattr(g, "cpu_kind", lambda: "AVX2")
+    hint = g.cpu_hint(g.golden_cpu(path))
+    assert "AVX512" in hint and "AVX2" in hint and "golden update --seeds 0" in hint
+    path.write_text(path.read_text().replace("# cpu: AVX512\n", ""))  # a file from before the line existed
+    assert g.golden_cpu(path) is None and "unrecorded" in g.cpu_hint(None)
+
+
 def test_missing_and_new_cells_are_reported():
     expected = g.golden_frame([_run(SEED0)])
     current = _run({("badencoder", "undefended"): SEED0[("badencoder", "undefended")],

@@ -38,6 +38,9 @@ def golden_check(golden_file, device, workers, show_all):
     diff = g.compare(g.run_subset(prof, env, workers), expected)
     click.echo(g.format_diff(diff, show_all))
     if (diff.status != "ok").any():
+        hint = g.cpu_hint(g.golden_cpu(path))
+        if hint:
+            click.echo(hint)
         sys.exit(1)
 
 
