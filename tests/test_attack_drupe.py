@@ -293,11 +293,12 @@ def test_drupe_ci_implants_a_backdoor_hidden_better_than_badencoders(drupe_ci, c
           f"badencoder {sw_bad:.3f}, {spread_bad:.3f}; pull to the target: clean {pull_clean:.3f}, "
           f"drupe {pull_drupe:.3f}")
     # At ci on generator v5 DRUPE implants weakly (higher lr or 10 epochs did not help: docs/methods/drupe.md), and
-    # the probe's ASR of so weak an implant moves with the CPU's rounding (measured on two 2-core CPUs: 14.0 -> 29.3
-    # and 19.7 -> 27.5). So the implant is asserted on the attack's own goal, the trigger's pull towards the
-    # target class (measured on the second: clean -0.018, DRUPE 0.057, BadEncoder 0.170), and the ASR's direction.
-    assert pull_drupe > pull_clean + 0.04, (pull_clean, pull_drupe)
-    assert attacked["asr_all"] > clean["asr_all"], (clean, attacked)
+    # how weakly moves with the CPU's rounding. Measured on three 2-core CPUs, clean -> DRUPE: ASR 14.0 -> 29.3,
+    # 19.7 -> 27.5, 13.7 -> 26.5; the trigger's pull towards the target class's centroid (the attack's own goal,
+    # no probe) -0.018 -> 0.057 and 0.017 -> 0.047 (BadEncoder 0.170 and 0.179). So: a pull above the clean
+    # encoder's by a margin under the smallest lead measured, and the ASR up by more than its sampling error.
+    assert pull_drupe > pull_clean + 0.02, (pull_clean, pull_drupe)
+    assert attacked["asr_all"] > clean["asr_all"] + 5, (clean, attacked)
     assert attacked["acc"] > clean["acc"] - 15, (clean, attacked)  # utility mostly kept
     assert sw_drupe < sw_bad, (sw_drupe, sw_bad)  # triggered embeddings closer in distribution to clean ones
     assert spread_drupe < spread_bad, (spread_drupe, spread_bad)  # and less bunched together
