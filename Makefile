@@ -52,7 +52,7 @@ bench: $(STAMP)
 bench-compare: $(STAMP)
 	$(BIN)/pytest-benchmark compare $$(ls -t .benchmarks/*/*.json | head -2 | tac) --sort=name --columns=median
 
-# Regression subset: the ci grid (2 attacks x 8 defenses, 2 tasks) against tests/golden/ci-small.csv;
+# Regression subset: the ci grid (2 attacks x 8 defenses, 2 tasks) against tests/golden/ci-small.<cpu kind>.csv;
 # prints what moved and fails if anything moved beyond its seed-spread tolerance.
 ci-small: $(STAMP)
 	$(BIN)/defbench golden check

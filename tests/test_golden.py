@@ -77,9 +77,28 @@ def test_golden_file_problems_are_one_line_errors(tmp_path):
         assert len(lines) == 1 and expected in lines[0], result.output
 
 
-def test_committed_golden_file_covers_the_whole_subset():
-    frame = g.read_golden(Path(__file__).parent / "golden" / "ci-small.csv")
-    assert set(frame.downstream) == set(g.TASKS) and set(frame.pretrain) == {g.PRETRAIN}
-    assert set(frame.attack) == {"badencoder", "bassl"}
-    assert set(frame.column) == {"clean", "undefended", "ft", "fp", "nad", "anp", "moth", "decree", "medic", "mimic"}
-    assert (frame.tol_acc >= 1.0).all() and (frame.tol_asr >= 2.0).all()
+def test_committed_golden_files_cover_the_whole_subset_and_are_named_by_their_cpu_kind():
+    files = sorted((Path(__file__).parent / "golden").glob("ci-small.*.csv"))
+    assert {p.name for p in files} >= {"ci-small.AVX2.csv", "ci-small.AVX512.csv"}
+    for path in files:
+        assert g.golden_cpu(path) == path.name.split(".")[1], path  # the # cpu: line names the file's kind
+        frame = g.read_golden(path)
+        assert set(frame.downstream) == set(g.TASKS) and set(frame.pretrain) == {g.PRETRAIN}
+        assert set(frame.attack) == {"badencoder", "bassl"}
+        assert set(frame.column) == {"clean", "undefended", "ft", "fp", "nad", "anp", "moth", "decree", "medic",
+                                     "mimic"}
+        assert (frame.tol_acc >= 1.0).all() and (frame.tol_asr >= 2.0).all()
+
+
+def test_check_reads_this_cpu_kinds_file_and_a_kind_without_one_is_told_how_to_write_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "tests" / "golden"
+    monkeypatch.setattr(g, "cpu_kind", lambda: "AVX2")
+    g.write_golden(g.golden_frame([_run(SEED0)]), g.default_file(), [0], "cpu")
+    assert g.default_file() == Path("tests/golden/ci-small.AVX2.csv") and g.other_cpu_files(g.default_file()) == []
+    monkeypatch.setattr(g, "cpu_kind", lambda: "AVX512")
+    assert g.other_cpu_files(g.default_file()) == [folder.relative_to(tmp_path) / "ci-small.AVX2.csv"]
+    result = CliRunner().invoke(main, ["golden", "check"])  # fails before any compute: no file for AVX512
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "AVX512" in result.output and "kinds with one: AVX2" in result.output
+    assert "golden update --seeds 0" in result.output

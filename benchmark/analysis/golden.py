@@ -3,8 +3,9 @@
 The subset is the ``ci`` profile's grid restricted to one pre-training set and
 two downstream tasks: BadEncoder and BASSL x (clean, undefended, the eight
 defenses). ``defbench golden check`` runs it (finished stages come from the
-artifact store) and compares every ACC/ASR with ``tests/golden/ci-small.csv``;
-``defbench golden update`` reruns it for several seeds and rewrites the file.
+artifact store) and compares every ACC/ASR with this CPU kind's golden file,
+``tests/golden/ci-small.<kind>.csv``; ``defbench golden update`` reruns it for
+several seeds and rewrites that file.
 
 How the tolerances are set: on one device the same config and seed gives
 bit-identical numbers (``tests/test_determinism.py``), so at the golden seed
@@ -21,9 +22,13 @@ changes no numerics reproduces the golden values exactly (before that, every
 edit of a module re-drew its seeds and could fail here on noise alone). The
 file was last rewritten when that seeding changed (seeds 0-2 at 2 threads).
 
-Across machines the numbers are not bit-identical: a CPU of another kind (the file's ``# cpu:`` line, e.g.
-AVX2 vs AVX512) runs other kernels, and at one seed's floors most values move. ``check`` then says so; the
-file is rewritten on the new machine only when no commit changed numerics (the commit says which machine).
+Across machines of one CPU kind (torch's CPU capability: AVX2, AVX512) the values are the same: the
+AVX512 file written on one machine was reproduced to the last digit, all 80 values, on another (a 2-core
+AMD EPYC). A CPU of another kind runs
+other kernels, and at one seed's floors most values move (52-58 of 80 on each change of kind). So there
+is one file per kind; a machine of a kind with no file writes its own (``golden update --seeds 0``) when
+no commit changed numerics since the others were written, and an update after a change of numerics
+leaves the other kinds' files stale: delete them, and a machine of that kind writes its own.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ PRETRAIN = "synth-cifar10"
 TASKS = ["synth-stl10", "synth-svhn"]
 KEY = ["attack", "pretrain", "downstream", "column"]
 METRICS = {"acc": 1.0, "asr": 2.0}  # metric -> tolerance floor (points)
-DEFAULT_FILE = Path("tests") / "golden" / "ci-small.csv"
+GOLDEN_DIR = Path("tests") / "golden"
 # CPU float reductions depend on the intra-op thread count, and these small runs amplify a last-bit
 # difference into points of ACC/ASR; the subset always runs with this many threads.
 THREADS = 2
@@ -87,6 +92,24 @@ def cpu_kind() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def default_file(folder: Path = GOLDEN_DIR) -> Path:
+    """This CPU kind's golden file (the values reproduce across machines of one kind, not across kinds)."""
+    return folder / f"ci-small.{cpu_kind()}.csv"
+
+
+def other_cpu_files(path: Path) -> list[Path]:
+    """The golden files of the other CPU kinds beside ``path``."""
+    return sorted(p for p in path.parent.glob("ci-small.*.csv") if p.name != path.name)
+
+
+def missing_kind_error(path: Path) -> GoldenError:
+    """No golden file for this CPU kind: say which kinds have one and how to write this one."""
+    kinds = ", ".join(p.name.split(".")[1] for p in other_cpu_files(path)) or "none"
+    return GoldenError(f"no golden file for this CPU kind ({cpu_kind()}) at {path} (kinds with one: {kinds}); "
+                       "ci values depend on the CPU kind: if no commit changed numerics since those were written, "
+                       "write this one with `defbench golden update --seeds 0` and commit it")
+
+
 def write_golden(frame: pd.DataFrame, path: Path, seeds: list[int], device: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# defbench regression subset, profile ci, written {datetime.date.today()} by "
@@ -96,12 +119,20 @@ def write_golden(frame: pd.DataFrame, path: Path, seeds: list[int], device: str)
     path.write_text(header + frame.to_csv(index=False, float_format="%.2f"))
 
 
-def golden_cpu(path: Path) -> str | None:
-    """The CPU kind the golden file was written on (its ``# cpu:`` header line), or None if it does not say."""
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("# cpu:"):
+def _header_value(path: Path, key: str) -> str | None:
+    """The value of the golden file's ``# key: value`` header line, or None if it has none."""
+    for line in path.read_text().splitlines():
+        if line.startswith(f"# {key}:"):
             return line.split(":", 1)[1].strip()
     return None
+
+
+def golden_cpu(path: Path) -> str | None:
+    """The CPU kind the golden file was written on (its ``# cpu:`` header line), or None if it does not say."""
+    try:
+        return _header_value(path, "cpu")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def cpu_hint(written_on: str | None) -> str:
@@ -110,22 +141,20 @@ def cpu_hint(written_on: str | None) -> str:
     if written_on == here:
         return ""
     return (f"\nThe golden file was written on a {written_on or 'unrecorded'} CPU and this one is {here}: at ci "
-            "the CPU's rounding alone moves values beyond one-seed floors (58 of 80, by up to 50 ASR points, "
-            "on one change of machine). "
+            "the CPU's rounding alone moves most values beyond one-seed floors (README). "
             "If no commit changed numerics, rewrite it here (`defbench golden update --seeds 0`) and say so.")
 
 
 def golden_seed(path: Path) -> int:
     """The seed the golden values were computed with (the ``# seed:`` header line; 0 if absent)."""
-    if path.is_file():
-        try:
-            for line in path.read_text().splitlines():
-                if line.startswith("# seed:"):
-                    return int(line.split(":")[1].split()[0])
-        except (OSError, UnicodeDecodeError, ValueError, IndexError):
-            raise GoldenError(f"golden file {path}: cannot read its '# seed: N' line; restore it from git or rerun "
-                              "`defbench golden update`") from None
-    return 0
+    if not path.is_file():
+        return 0
+    try:
+        value = _header_value(path, "seed")
+        return 0 if value is None else int(value.split()[0])
+    except (OSError, UnicodeDecodeError, ValueError, IndexError):
+        raise GoldenError(f"golden file {path}: cannot read its '# seed: N' line; restore it from git or rerun "
+                          "`defbench golden update`") from None
 
 
 def read_golden(path: Path) -> pd.DataFrame:
