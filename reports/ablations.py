@@ -45,9 +45,11 @@ class StudyReport:
 
 # ----------------------------------------------------------------- reading
 
-def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seeds: list[int]) -> pd.DataFrame:
+def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: str, seeds: list[int],
+               diverged: frozenset[str] = frozenset()) -> pd.DataFrame:
     """The newest row for every expected (arm, role, defense, task, attack, seed) whose stage key is the
-    one today's code and settings give it (a row of an older code version is stale); all must be there."""
+    one today's code and settings give it (a row of an older code version is stale); all must be there,
+    except those whose training diverged (keys in ``diverged``): they stay, with NaN metrics."""
     want = pd.DataFrame(expected)
     stale = pd.DataFrame(columns=MATCH_KEYS)
     seed = ",".join(map(str, seeds))
@@ -60,7 +62,7 @@ def match_rows(rows: pd.DataFrame, expected: list[dict], study: str, profile: st
         merged = want.merge(rows, on=[*MATCH_KEYS, "key"], how="left", indicator=True)
     else:
         merged = want.assign(_merge="left_only")
-    missing = merged[merged._merge == "left_only"]
+    missing = merged[(merged._merge == "left_only") & ~merged.key.isin(diverged)]
     if len(missing):
         first = missing.iloc[0]
         n_stale = len(missing[MATCH_KEYS].merge(stale, on=MATCH_KEYS))  # missing, but an older version is there
@@ -444,18 +446,32 @@ def frontier(rows, asr, meas=None):
 
 def build(study, evaluations: pd.DataFrame, measurements: pd.DataFrame, expected_rows: list[dict],
           expected_measurements: list[dict], profile: str, seeds: list[int] | int,
-          convention: str = "all") -> StudyReport:
+          convention: str = "all", diverged: frozenset[str] = frozenset()) -> StudyReport:
     """Check the study's rows (from the results database) are complete, and draw its figure and table with
-    the study's own renderer (``study.render``); with several seeds, means over seeds and their spread."""
+    the study's own renderer (``study.render``); with several seeds, means over seeds and their spread.
+    ``diverged``: stage keys of the expected rows whose training diverged (shown as NaN, with a note)."""
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    rows = match_rows(evaluations, expected_rows, study.name, profile, seeds) if expected_rows else None
-    meas = match_rows(measurements, expected_measurements, study.name, profile, seeds) \
+    rows = match_rows(evaluations, expected_rows, study.name, profile, seeds, diverged) if expected_rows else None
+    meas = match_rows(measurements, expected_measurements, study.name, profile, seeds, diverged) \
         if expected_measurements else None
     fig, table, notes = study.render(rows, ASR_COLUMNS[convention], meas)
+    notes = [*notes, *_divergence_notes(rows, expected_rows, diverged)]
     study, title, paper = study.name, study.title, study.paper
     fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=10)  # wrapped, never cut
     fig.tight_layout()
     return StudyReport(study, title, paper, fig, table, notes)
+
+
+def _divergence_notes(rows: pd.DataFrame | None, expected: list[dict], diverged: frozenset[str]) -> list[str]:
+    """One note per arm with a diverged row: a result of the study (NaN in its table), not a missing one."""
+    if rows is None or not diverged:
+        return []
+    hit = pd.DataFrame(expected)
+    hit = hit[hit.key.isin(diverged)]
+    return [f"{arm}: training diverged (NaN or inf loss or weights) for {', '.join(sorted(set(g.defense)))} on "
+            f"{', '.join(sorted(set(g.downstream)))}, seed{'s' if g.seed.nunique() > 1 else ''} "
+            f"{', '.join(map(str, sorted(set(g.seed))))}: no ACC/ASR (nan in the table)"
+            for arm, g in hit.groupby("arm", sort=False)]
 
 
 def _markdown_table(table: pd.DataFrame) -> str:

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from defbench.benchmark.cli import main
 from defbench.benchmark.pipeline.plan import cell_stages, planned_evaluation_key, pretrain_stage
 from defbench.benchmark.pipeline.results import ResultsDB
-from defbench.benchmark.pipeline.scheduler import run_grid
+from defbench.benchmark.pipeline.scheduler import diverged_before, diverged_stages, run_grid
 from defbench.benchmark.pipeline.settings import load_profile, parse_sets
 from defbench.benchmark.pipeline.stages import Env, load_stage_encoder
 from defbench.benchmark.pipeline.store import ArtifactStore, StoreError
@@ -100,6 +100,35 @@ def _blow_up(encoder, clean, cfg, ctx):
             if isinstance(module, torch.nn.Conv2d):
                 module.weight.mul_(cfg.scale)
     return encoder
+
+
+_DIVERGE_CALLS: list[int] = []
+
+
+@register_defense("test-diverge", config=_BlowUpConfig, summary="test: the weights turn NaN")
+def _diverge(encoder, clean, cfg, ctx):
+    _DIVERGE_CALLS.append(1)
+    with torch.no_grad():
+        next(encoder.parameters()).fill_(float("nan"))
+    return encoder
+
+
+def test_a_diverged_stage_is_recorded_and_a_rerun_reports_it_without_recomputing(tmp_path):
+    profile, env = _micro_env(tmp_path / "home")
+    stages = cell_stages(profile, "badencoder", "test-diverge", PRETRAIN, TASK)
+    defend = stages["defended"].deps[0]
+    first = {o.stage.key: o for o in run_grid(list(stages.values()), env, show_progress=False)}
+    assert first[defend.key].status == "failed" and "NonFiniteError" in first[defend.key].error
+    assert len(_DIVERGE_CALLS) == 1 and not env.store.exists("defend", defend.key)
+    assert diverged_before(defend, env)["device"] == str(env.device)
+    again = {o.stage.key: o for o in run_grid(list(stages.values()), env, show_progress=False)}
+    error = again[defend.key].error
+    assert again[defend.key].status == "failed" and "recorded" in error and "to retry, delete" in error, error
+    assert len(_DIVERGE_CALLS) == 1  # reported from the record, not recomputed
+    assert diverged_stages(list(stages.values()), env.store) == {stages["defended"].key}  # the report's NaN row
+    record = env.store.divergence_path("defend", defend.key)
+    record.write_text(record.read_text().replace(str(env.device), "cuda:7"))
+    assert diverged_before(defend, env) is None  # on another device the stage runs again
 
 
 def test_an_evaluation_whose_features_are_not_finite_fails_with_no_artifact_and_no_row(tmp_path):

@@ -150,6 +150,22 @@ def test_a_missing_result_is_an_error_that_says_how_to_compute_it(tmp_path):
         _build(ResultsDB(tmp_path / "empty.sqlite"), plan)
 
 
+def test_an_arm_whose_training_diverged_renders_as_nan_with_a_note(tmp_path):
+    plan = plan_study("components", "ci")
+    index = next(i for i, s in enumerate(plan.evaluations) if s.labels["arm"] == "w/o L0"
+                 and s.labels["role"] == "defended")
+    db = ResultsDB(tmp_path / "results.sqlite")
+    _fill(db, plan, np.random.default_rng(0), skip=index)
+    name = plan.study.name
+    report = ablations.build(plan.study, db.evaluations(study=name), db.measurements(study=name),
+                             plan.expected(plan.evaluations), [], "ci", [plan.profile.seed],
+                             diverged=frozenset({plan.evaluations[index].key}))
+    table = report.table.set_index("variant")
+    assert np.isnan(table.loc["w/o L0", "ASR"]) and np.isfinite(table.loc["w/o L1", "ASR"])
+    assert any(n.startswith("w/o L0: training diverged") for n in report.notes), report.notes
+    ablations.write(report, tmp_path / "out")  # the figure draws with the gap
+
+
 def test_rows_of_an_older_code_version_are_stale_not_results(tmp_path):
     plan = plan_study("poison-ratio", "ci")
     db = ResultsDB(tmp_path / "results.sqlite")

@@ -8,7 +8,10 @@ import click
 
 from ...reports import ablations
 from ...reports.tables import ReportError
+from .. import paths
 from ..analysis.studies import STUDIES, plan_study
+from ..pipeline.scheduler import diverged_stages
+from ..pipeline.store import ArtifactStore
 from .common import check_datasets, check_writable_folder, friendly_errors, open_env, profile_options, where
 from .grid import check_workers, executor_options, run_and_summarise
 from .table import open_results, seed_profiles
@@ -50,6 +53,7 @@ def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, prof
             check_datasets(prof, env, per_seed[0].pretrain, per_seed[0].tasks, targets)
         stages = [s for per_seed in plans.values() for plan in per_seed for s in plan.stages]
         run_and_summarise(stages, env, executor, workers, prof)
+    store = env.store if not no_run else ArtifactStore(paths.artifacts_dir())  # its records of diverged stages
     failures: dict[str, str] = {}
     sections = []
     seed_list = [p.seed for p in profiles]
@@ -57,11 +61,13 @@ def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, prof
         study = per_seed[0].study
         expected = [row for plan in per_seed for row in plan.expected(plan.evaluations)]
         expected_measurements = [row for plan in per_seed for row in plan.expected(plan.measurements)]
+        diverged = diverged_stages([s for plan in per_seed for s in (*plan.evaluations, *plan.measurements)],
+                                   store)
         try:
             with where(f"cannot read the results database {db.path}"):
                 evaluations, measurements = db.evaluations(study=study.name), db.measurements(study=study.name)
             built = ablations.build(study, evaluations, measurements, expected, expected_measurements, prof.name,
-                                    seed_list, asr_convention)
+                                    seed_list, asr_convention, diverged)
         except ReportError as err:
             failures[study.name] = str(err)
             click.echo(f"defbench: {err}", err=True)  # the message names the study

@@ -38,7 +38,7 @@ from .device import WorkerDevice, assign_gpus, pin_worker
 from .external import Suspect, suspect_stages
 from .plan import cell_stages, downstream_tasks
 from .settings import Profile
-from .stages import Env, Stage, record_row, run_stage
+from .stages import ENCODER_KINDS, Env, NonFiniteError, Stage, record_row, run_stage
 
 
 @dataclass
@@ -74,10 +74,44 @@ def run_one(stage: Stage, env: Env) -> Outcome:
     if not env.store.exists(stage.kind, stage.key):
         with env.store.lock(stage.kind, stage.key):
             if not env.store.exists(stage.kind, stage.key):
-                run_stage(stage, env)
+                _run_unless_diverged(stage, env)
                 status = "ran"
     record_row(stage, env)
     return Outcome(stage, status, time.perf_counter() - started)
+
+
+def diverged_before(stage: Stage, env: Env) -> dict | None:
+    """The record of this stage diverging on this device before (same key: same settings, seed and code)."""
+    record = env.store.divergence(stage.kind, stage.key)
+    return record if record and record.get("device") == str(env.device) else None
+
+
+def diverged_stages(stages: list[Stage], store) -> frozenset[str]:
+    """Keys of ``stages`` whose own training or an input's (at any depth) diverged, on whatever device."""
+    seen: dict[str, bool] = {}
+
+    def diverged(stage: Stage) -> bool:
+        if stage.key not in seen:
+            seen[stage.key] = bool(stage.kind in ENCODER_KINDS and store.divergence(stage.kind, stage.key)) \
+                or any(diverged(dep) for dep in stage.deps)
+        return seen[stage.key]
+    return frozenset(stage.key for stage in stages if diverged(stage))
+
+
+def _run_unless_diverged(stage: Stage, env: Env) -> None:
+    """Run the stage; a divergence is recorded, and a recorded one is reported again without recomputing."""
+    record = diverged_before(stage, env)
+    if record:
+        raise NonFiniteError(f"{record.get('error', stage.label)} (recorded {record.get('recorded_at', '?')}: "
+                             f"the same settings diverge again on {env.device}; to retry, delete "
+                             f"{env.store.divergence_path(stage.kind, stage.key)})")
+    try:
+        run_stage(stage, env)
+    except NonFiniteError as err:
+        if stage.kind in ENCODER_KINDS:  # training diverged; an evaluation of finite weights is not recorded
+            env.store.record_divergence(stage.kind, stage.key, {"label": stage.label, "error": str(err),
+                                                                "device": str(env.device)})
+        raise
 
 
 def record_rows(stages: list[Stage], env: Env) -> None:

@@ -11,6 +11,10 @@ and every ``.NAME.PID.tmp`` file (dataset caches, checkpoints) under a folder
 given to :func:`sweep_stale_files` when PID is gone and the file has not been
 touched for a minute. :meth:`ArtifactStore.damaged` finds artifacts whose files
 are cut short (``defbench clean --stale`` removes them).
+
+A stage whose training diverged (NaN or inf) leaves no artifact but a small record,
+``diverged/KIND/KEY.json``: on the same device the same key diverges again, so a
+rerun reports it without recomputing, and a study renders that arm as diverged.
 """
 from __future__ import annotations
 
@@ -104,6 +108,25 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def divergence_path(self, kind: str, key: str) -> Path:
+        return self.root / "diverged" / kind / f"{key}.json"
+
+    def record_divergence(self, kind: str, key: str, record: dict) -> None:
+        """Note that this stage diverged (written atomically; no artifact is stored)."""
+        path = self.divergence_path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**record, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        os.replace(tmp, path)
+
+    def divergence(self, kind: str, key: str) -> dict | None:
+        """The record of this stage's divergence, or None (none, or unreadable: then it simply runs again)."""
+        try:
+            record = json.loads(self.divergence_path(kind, key).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
 
     def sweep_temporaries(self) -> int:
         """Remove temporary folders of killed workers on this host (their PID is gone); returns how many."""
