@@ -15,7 +15,8 @@ On the defender's clean set only:
    Both student views go through one forward pass; the teacher runs once on ``v1``
    (``distill_input="clean"``: on the un-augmented image).
 
-Records ``mi``, ``mi_raw``, ``beta``, ``loss_history`` (per epoch [L0, L1, L2]) and ``seconds``.
+Records ``mi``, ``mi_raw``, ``beta``, ``loss_history`` (per epoch [L0, L1, L2], null for a term switched
+off) and ``seconds``.
 
 Parity with the reference: docs/methods/mimic.md
 """
@@ -192,7 +193,8 @@ def _forked_rng(device: torch.device):
 
 def distill(student: Encoder, teacher: Encoder, images: torch.Tensor, beta: dict[str, float],
             cfg: MIMICConfig, ctx: RunContext) -> list[list[float]]:
-    """Train ``student`` in place; returns per-epoch means of [L0, L1, L2] (NaN for absent terms)."""
+    """Train ``student`` in place; returns per-epoch means of [L0, L1, L2] (None for a switched-off term:
+    a NaN there would read as a diverged training)."""
     student.train()
     teacher.eval()
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -211,7 +213,7 @@ def distill(student: Encoder, teacher: Encoder, images: torch.Tensor, beta: dict
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
         n = max(1, len(batches))
-        history.append([sums.get(k, float("nan")) / n for k in ("l0", "l1", "l2")])
+        history.append([sums[k] / n if k in sums else None for k in ("l0", "l1", "l2")])
         ctx.logger.debug("mimic epoch %d %s", epoch, {k: round(v / n, 5) for k, v in sums.items()})
     return history
 

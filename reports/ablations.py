@@ -207,7 +207,7 @@ def _final_objective(rows: pd.DataFrame) -> float:
             extra = {}
         last = (extra.get("loss_history") or [None])[-1] or extra.get("loss_history_last")
         if last:
-            finals.append(float(sum(last)))
+            finals.append(float(sum(v for v in last if v is not None)))  # None: a switched-off term
     return float(np.mean(finals)) if finals else float("nan")
 
 

@@ -95,6 +95,24 @@ def test_mi_weights_formula():
     assert zero == uniform_weights(LAYERS, 1000.0, 10000.0) == dict.fromkeys(LAYERS, 3500.0)
 
 
+@pytest.mark.parametrize("switch", ["use_clone", "use_contrastive", "use_attention"])
+def test_a_switched_off_term_is_absent_from_the_history_not_a_divergence(switch, backdoored, clean_data, ctx):
+    """The components study switches terms off; a NaN placeholder for the absent term made the harness's loss
+    check fail every such arm as 'training diverged' (found on the tiny components study)."""
+    from types import SimpleNamespace
+
+    from defbench.benchmark.pipeline.stages import _check_losses
+    teacher = frozen_copy(backdoored[0])
+    student = teacher.empty_like()
+    beta = uniform_weights(teacher.stage_names, 1000.0, 10000.0)
+    history = mimic_mod.distill(student, teacher, _small_clean(clean_data, 64).images, beta,
+                                _fast_cfg(**{switch: False}), ctx)
+    absent = {"use_clone": 0, "use_contrastive": 1, "use_attention": 2}[switch]
+    assert history[-1][absent] is None
+    assert all(math.isfinite(v) for i, v in enumerate(history[-1]) if i != absent)
+    _check_losses(SimpleNamespace(label="mimic"), {"loss_history": history})  # no NonFiniteError
+
+
 def _spy_distill(monkeypatch):
     """Replace distill by a recorder (no training): returns the list of (student, teacher, beta) calls."""
     calls = []
