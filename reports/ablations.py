@@ -326,19 +326,22 @@ def clean_encoders(rows, asr, meas=None):
 
 
 def mi_layers(rows, asr, meas: pd.DataFrame | None = None):
-    records = []
+    records, lost = [], []
     for _, m in meas.iterrows():
-        result = json.loads(m.result)["mi"]
-        for inputs, layers in result.items():
-            for layer, value in layers.items():
-                records.append({"encoder": m.arm, "inputs": inputs, "layer": layer, "MI": value,
-                                "downstream": m.downstream, "seed": m.get("seed", 0)})
+        if not isinstance(m.result, str):  # its encoder's training diverged: no estimate (NaN, with a note)
+            lost.append(m)
+            continue
+        for inputs, layers in json.loads(m.result)["mi"].items():
+            records += [_mi_record(m, inputs, layer, value) for layer, value in layers.items()]
+    stages = list(dict.fromkeys(r["layer"] for r in records)) or ["layer4"]
+    records += [_mi_record(m, inputs, layer, float("nan"))
+                for m in lost for inputs in ("clean", "triggered") for layer in stages]
     per_seed = pd.DataFrame(records).groupby(["encoder", "inputs", "layer", "seed"], sort=False).MI.mean()
     frame = per_seed.groupby(["encoder", "inputs", "layer"], sort=False).agg(["mean", "std"]).reset_index()
     frame = frame.rename(columns={"mean": "MI", "std": "MI sd"})
     encoders = list(dict.fromkeys(frame.encoder))
     fig, axes = _figure(len(encoders))
-    top = frame.MI.max() * 1.15 or 1.0
+    top = frame.MI.max() * 1.15 if frame.MI.max() > 0 else 1.0  # NaN (all diverged) or 0: a unit axis
     for ax, encoder in zip(axes, encoders):
         part = frame[frame.encoder == encoder]
         for inputs, colour in (("clean", ACC_COLOUR), ("triggered", ASR_COLOUR)):
@@ -350,11 +353,17 @@ def mi_layers(rows, asr, meas: pd.DataFrame | None = None):
         ax.set_ylabel("MI estimate I(stage; feature) (nats)")
         ax.set_title(f"{encoder} encoder")
         ax.legend(fontsize=8)
-    table = frame.pivot_table(index=["encoder", "inputs"], columns="layer", values="MI", sort=False).reset_index()
+    table = frame.pivot_table(index=["encoder", "inputs"], columns="layer", values="MI", sort=False,
+                              dropna=False).reset_index()
     table.columns.name = None
     return fig, table, ["MINE (Donsker-Varadhan) with the profile's MIMIC estimator settings, on the "
                         "defender's clean images and the same images with the trigger; a negative estimate "
                         "(noise around 0) is clipped to 0, as MIMIC does"]
+
+
+def _mi_record(m: pd.Series, inputs: str, layer: str, value: float) -> dict:
+    return {"encoder": m.arm, "inputs": inputs, "layer": layer, "MI": value, "downstream": m.downstream,
+            "seed": m.get("seed", 0)}
 
 
 def adaptive(rows, asr, meas=None):
@@ -455,23 +464,31 @@ def build(study, evaluations: pd.DataFrame, measurements: pd.DataFrame, expected
     meas = match_rows(measurements, expected_measurements, study.name, profile, seeds, diverged) \
         if expected_measurements else None
     fig, table, notes = study.render(rows, ASR_COLUMNS[convention], meas)
-    notes = [*notes, *_divergence_notes(rows, expected_rows, diverged)]
+    notes = [*notes, *_divergence_notes(rows, expected_rows, diverged, "no ACC/ASR"),
+             *_divergence_notes(meas, expected_measurements, diverged, "no measurement")]
     study, title, paper = study.name, study.title, study.paper
     fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=10)  # wrapped, never cut
     fig.tight_layout()
     return StudyReport(study, title, paper, fig, table, notes)
 
 
-def _divergence_notes(rows: pd.DataFrame | None, expected: list[dict], diverged: frozenset[str]) -> list[str]:
-    """One note per arm with a diverged row: a result of the study (NaN in its table), not a missing one."""
+def _divergence_notes(rows: pd.DataFrame | None, expected: list[dict], diverged: frozenset[str],
+                      lacking: str) -> list[str]:
+    """One note per arm with a diverged row (an evaluation, or a measurement of a diverged encoder): a result
+    of the study (NaN in its table), not a missing one; ``lacking`` names what the row has not."""
     if rows is None or not diverged:
         return []
     hit = pd.DataFrame(expected)
     hit = hit[hit.key.isin(diverged)]
-    return [f"{arm}: training diverged (NaN or inf loss or weights) for {', '.join(sorted(set(g.defense)))} on "
+    return [f"{arm}: training diverged (NaN or inf loss or weights){_defended_by(g)} on "
             f"{', '.join(sorted(set(g.downstream)))}, seed{'s' if g.seed.nunique() > 1 else ''} "
-            f"{', '.join(map(str, sorted(set(g.seed))))}: no ACC/ASR (nan in the table)"
+            f"{', '.join(map(str, sorted(set(g.seed))))}: {lacking} (nan in the table)"
             for arm, g in hit.groupby("arm", sort=False)]
+
+
+def _defended_by(group: pd.DataFrame) -> str:
+    defenses = sorted(set(group.defense) - {"none"})
+    return f" for {', '.join(defenses)}" if defenses else ""
 
 
 def _markdown_table(table: pd.DataFrame) -> str:

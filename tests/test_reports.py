@@ -53,7 +53,7 @@ def test_arms_change_what_they_say():
 
 # ----------------------------------------------------------------- rendering from a database
 
-def _fill(db: ResultsDB, plan, rng, skip: int | None = None) -> dict:
+def _fill(db: ResultsDB, plan, rng, skip: int | None = None, skip_measurement: int | None = None) -> dict:
     """Rows for everything the plan expects, with random numbers; returns {(arm, role, defense, task): row}."""
     written = {}
     for i, stage in enumerate(plan.evaluations):
@@ -71,6 +71,8 @@ def _fill(db: ResultsDB, plan, rng, skip: int | None = None) -> dict:
         db.add_evaluation(row)
         written[(lab["arm"], lab["role"], lab["defense"], stage.spec["downstream"])] = row
     for i, stage in enumerate(plan.measurements):
+        if i == skip_measurement:
+            continue
         lab = stage.labels
         mi = {inputs: {layer: float(rng.uniform(0, 2)) for layer in ("layer1", "layer2", "layer3", "layer4")}
               for inputs in ("clean", "triggered")}
@@ -164,6 +166,21 @@ def test_an_arm_whose_training_diverged_renders_as_nan_with_a_note(tmp_path):
     assert np.isnan(table.loc["w/o L0", "ASR"]) and np.isfinite(table.loc["w/o L1", "ASR"])
     assert any(n.startswith("w/o L0: training diverged") for n in report.notes), report.notes
     ablations.write(report, tmp_path / "out")  # the figure draws with the gap
+
+
+def test_a_measurement_behind_a_diverged_encoder_renders_as_nan_with_a_note(tmp_path):
+    plan = plan_study("mi-layers", "ci")
+    db = ResultsDB(tmp_path / "results.sqlite")
+    _fill(db, plan, np.random.default_rng(0), skip_measurement=0)
+    lost = plan.measurements[0]
+    name = plan.study.name
+    report = ablations.build(plan.study, db.evaluations(study=name), db.measurements(study=name),
+                             [], plan.expected(plan.measurements), "ci", [plan.profile.seed],
+                             diverged=frozenset({lost.key}))
+    assert any(n.startswith(f"{lost.labels['arm']}: training diverged") and "no measurement" in n
+               for n in report.notes), report.notes
+    assert report.table.select_dtypes("number").isna().any().any()
+    ablations.write(report, tmp_path / "out")
 
 
 def test_rows_of_an_older_code_version_are_stale_not_results(tmp_path):
