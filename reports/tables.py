@@ -25,7 +25,8 @@ class ReportError(UserError):
     """Results that are missing or partial; the message says which and how to produce them."""
 
 
-def select_rows(rows: pd.DataFrame, seed: int | None = None, planned_key=None) -> tuple[pd.DataFrame, int]:
+def select_rows(rows: pd.DataFrame, seed: int | None = None, planned_key=None,
+                overrides: dict | None = None) -> tuple[pd.DataFrame, int]:
     """The newest row per (attack, defense, role, pretrain, downstream) among ``rows`` (one profile's rows from
     the results database) of ``seed``, and how many rows :func:`current_rows` left out as stale (when
     ``planned_key`` is given). Rows are matched by stage key, not by how the settings were spelled: two
@@ -34,16 +35,17 @@ def select_rows(rows: pd.DataFrame, seed: int | None = None, planned_key=None) -
         rows = rows[rows.seed == seed]
     left_out = 0
     if planned_key is not None:
-        rows, left_out = current_rows(rows, planned_key)
+        rows, left_out = current_rows(rows, planned_key, overrides)
     return rows.sort_values("created_at").drop_duplicates(
         ["attack", "defense", "role", "pretrain", "downstream"], keep="last"), left_out
 
 
-def current_rows(rows: pd.DataFrame, planned_key) -> tuple[pd.DataFrame, int]:
+def current_rows(rows: pd.DataFrame, planned_key, overrides: dict | None = None) -> tuple[pd.DataFrame, int]:
     """Only the rows that today's code and settings would produce: a row is kept when its ``eval_key`` is
     ``planned_key(attack, defense, role, pretrain, downstream)``. Rows left by an older code version (or an
     unregistered component) would otherwise stand in for results nobody recomputed. Returns the kept rows
-    and how many were left out."""
+    and how many were left out as stale; given ``overrides`` (the table's --set), only rows computed with
+    those count as stale: a row of other overrides (a study's arm) belongs to another table."""
     if rows.empty:
         return rows, 0
     cache: dict[tuple, str | None] = {}
@@ -55,7 +57,17 @@ def current_rows(rows: pd.DataFrame, planned_key) -> tuple[pd.DataFrame, int]:
         return row.eval_key == cache[cell]
 
     keep = rows.apply(is_current, axis=1).astype(bool)
-    return rows[keep], int((~keep).sum())
+    stale = ~keep
+    if overrides is not None and "overrides" in rows:
+        stale &= rows.overrides.map(lambda text: _parsed(text) == overrides).astype(bool)
+    return rows[keep], int(stale.sum())
+
+
+def _parsed(text) -> dict | None:
+    try:
+        return json.loads(text or "{}")
+    except (TypeError, ValueError):
+        return None
 
 
 def stale_note(left_out: int, profile: str) -> str:

@@ -126,6 +126,10 @@ def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
         con.execute("UPDATE old SET row_key = 'stale', eval_key = 'from-an-older-fp', acc = 12.345, "
                     "created_at = '2999-01-01T00:00:00'")
         con.execute("INSERT INTO evaluations SELECT * FROM old")
+        # a study arm's row (other --set overrides) is another table's, neither a result here nor stale
+        con.execute("UPDATE old SET row_key = 'arm', eval_key = 'a-study-arm', "
+                    "overrides = '{\"defense.fp.prune_ratio\": 0.1}'")
+        con.execute("INSERT INTO evaluations SELECT * FROM old")
     table = _table(copy)
     assert table == expected and "12.35" not in table
     md = _cli(copy, "table", "table1", "--profile", "ci", "--format", "md")

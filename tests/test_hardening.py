@@ -126,6 +126,11 @@ def test_a_diverged_stage_is_recorded_and_a_rerun_reports_it_without_recomputing
     assert again[defend.key].status == "failed" and "recorded" in error and "to retry, delete" in error, error
     assert len(_DIVERGE_CALLS) == 1  # reported from the record, not recomputed
     assert diverged_stages(list(stages.values()), env.store) == {stages["defended"].key}  # the report's NaN row
+    table = CliRunner().invoke(main, ["table", "table1", "--profile", "ci", *SETS, "--defenses", "test-diverge"],
+                               env={"DEFBENCH_HOME": str(tmp_path / "home")})
+    assert table.exit_code == 0, table.output
+    assert f"training diverged (NaN or inf; shown as —, not to be recomputed): test-diverge on badencoder / " \
+           f"{PRETRAIN} -> {TASK}, seed {profile.seed}" in table.output, table.output
     record = env.store.divergence_path("defend", defend.key)
     record.write_text(record.read_text().replace(str(env.device), "cuda:7"))
     assert diverged_before(defend, env) is None  # on another device the stage runs again

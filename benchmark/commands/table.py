@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
 from ...reports import tables
@@ -15,7 +16,9 @@ from .. import paths
 from ..pipeline.external import Suspect, planned_suspect_key
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
+from ..pipeline.scheduler import diverged_stages, expand_grid, grid_spec
 from ..pipeline.settings import parse_sets
+from ..pipeline.store import ArtifactStore
 from .common import check_writable_folder, friendly_errors, names, profile_from_options, where
 
 
@@ -96,7 +99,7 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
     suspects = suspects_in_rows(found)
     per_seed, stale = [], 0
     for p in profiles:
-        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_key, p, suspects))
+        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_key, p, suspects), p.overrides)
         per_seed.append(rows)
         stale += left_out
     every = pd.concat(per_seed, ignore_index=True)
@@ -128,9 +131,30 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
                         for attack in mean[mean[("downstream", "")] == "†"][("attack", "")]]
         table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
                         if name in set(every.attack)]
+        table_notes += diverged_notes(profiles, sorted(set(prof.grid.attacks) | set(every.attack)), columns,
+                                      sorted(set(prof.grid.pretrain) | set(every.pretrain)))
         title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
         text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(frames))
     write_output(text, output)
+
+
+def diverged_notes(profiles: list, attacks: list[str], columns: list[str], pretrain: list[str]) -> list[str]:
+    """One note per (defense column, attack, pre-training set, seed) whose cells have no row because training
+    diverged (the store's records; a cell of a diverged pre-training or attack names every column it
+    feeds): shown as missing, and said to be a result, not work left to do."""
+    store = ArtifactStore(paths.artifacts_dir())
+    spec = dict(attacks=[a for a in attacks if a in ATTACKS] or ["none"], pretrain=pretrain,
+                defenses=[d for d in columns if d in DEFENSES])
+    found: dict[tuple, list[str]] = {}
+    for p in profiles:
+        cells = expand_grid(p, grid_spec(p, **spec))
+        hit = diverged_stages(list(cells.values()), store)
+        for (attack, column, pretrain, task), stage in cells.items():
+            if stage.key in hit and column != "clean":
+                found.setdefault((column, attack, pretrain, p.seed), []).append(task)
+    return [f"training diverged (NaN or inf; shown as {tables.MISSING}, not to be recomputed): {column} on "
+            f"{attack} / {pretrain} -> {', '.join(tasks)}, seed {seed}"
+            for (column, attack, pretrain, seed), tasks in found.items()]
 
 
 def seed_profiles(profile: str, sets, seed: int | None, seeds: str) -> list:
