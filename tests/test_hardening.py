@@ -136,6 +136,19 @@ def test_a_diverged_stage_is_recorded_and_a_rerun_reports_it_without_recomputing
     assert diverged_before(defend, env) is None  # on another device the stage runs again
 
 
+def test_table_notes_plan_a_set_named_by_path_from_its_rows_and_skip_one_that_is_gone(tmp_path, monkeypatch):
+    """A pre-training set named by a path has no task family: Table I's divergence notes plan its cells from
+    its rows' tasks, and a path that no longer exists costs its notes, never the table."""
+    import pandas as pd
+    from defbench.benchmark.commands.table import diverged_notes, table_tasks
+    gone = f"npz:{tmp_path / 'gone.npz'}"
+    rows = pd.DataFrame({"pretrain": [gone, PRETRAIN], "downstream": [f"npz:{tmp_path / 'task.npz'}", TASK]})
+    tasks = table_tasks([PRETRAIN], rows)
+    assert tasks[gone] == [f"npz:{tmp_path / 'task.npz'}"] and TASK in tasks[PRETRAIN]
+    monkeypatch.setenv("DEFBENCH_HOME", str(tmp_path / "home"))
+    assert diverged_notes([load_profile("ci", parse_sets(MICRO))], ["badencoder"], ["ft"], tasks) == []
+
+
 def test_an_evaluation_whose_features_are_not_finite_fails_with_no_artifact_and_no_row(tmp_path):
     profile, env = _micro_env(tmp_path / "home")
     stages = cell_stages(profile, "badencoder", "test-blow-up", PRETRAIN, TASK)

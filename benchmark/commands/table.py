@@ -13,6 +13,7 @@ from ...core import UserError
 from ...defenses import DEFENSES
 from ...reports import tables
 from .. import paths
+from ..datasets import FAMILIES
 from ..pipeline.external import Suspect, planned_suspect_key
 from ..pipeline.plan import planned_evaluation_key
 from ..pipeline.results import ResultsDB
@@ -132,29 +133,46 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
         table_notes += [f"external encoder {s.describe()}" for name, s in sorted(suspects.items())
                         if name in set(every.attack)]
         table_notes += diverged_notes(profiles, sorted(set(prof.grid.attacks) | set(every.attack)), columns,
-                                      sorted(set(prof.grid.pretrain) | set(every.pretrain)))
+                                      table_tasks(prof.grid.pretrain, every))
         title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
         text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(frames))
     write_output(text, output)
 
 
-def diverged_notes(profiles: list, attacks: list[str], columns: list[str], pretrain: list[str]) -> list[str]:
+def table_tasks(grid_pretrain, rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Pre-training set -> the downstream tasks a Table I may show for it: its family's (a built-in set) and
+    those of its rows (a set named by path has no family: only its rows')."""
+    tasks: dict[str, set[str]] = {}
+    for pretrain in [*grid_pretrain, *rows.pretrain]:
+        tasks.setdefault(pretrain, {task for task, _ in FAMILIES.get(pretrain, [])})
+    for pretrain, task in zip(rows.pretrain, rows.downstream):
+        tasks[pretrain].add(task)
+    return {pretrain: sorted(found) for pretrain, found in tasks.items() if found}
+
+
+def diverged_notes(profiles: list, attacks: list[str], columns: list[str],
+                   tasks: dict[str, list[str]]) -> list[str]:
     """One note per (defense column, attack, pre-training set, seed) whose cells have no row because training
     diverged (the store's records; a cell of a diverged pre-training or attack names every column it
     feeds): shown as missing, and said to be a result, not work left to do."""
     store = ArtifactStore(paths.artifacts_dir())
-    spec = dict(attacks=[a for a in attacks if a in ATTACKS] or ["none"], pretrain=pretrain,
-                defenses=[d for d in columns if d in DEFENSES])
+    chosen = dict(attacks=[a for a in attacks if a in ATTACKS] or ["none"],
+                  defenses=[d for d in columns if d in DEFENSES])
     found: dict[tuple, list[str]] = {}
     for p in profiles:
-        cells = expand_grid(p, grid_spec(p, **spec))
+        cells = {}
+        for pretrain, downstream in tasks.items():
+            try:
+                cells.update(expand_grid(p, grid_spec(p, **chosen, pretrain=[pretrain], downstream=downstream)))
+            except UserError:  # a set named by a path that is gone: its rows render; no note can be planned
+                continue
         hit = diverged_stages(list(cells.values()), store)
         for (attack, column, pretrain, task), stage in cells.items():
             if stage.key in hit and column != "clean":
                 found.setdefault((column, attack, pretrain, p.seed), []).append(task)
     return [f"training diverged (NaN or inf; shown as {tables.MISSING}, not to be recomputed): {column} on "
-            f"{attack} / {pretrain} -> {', '.join(tasks)}, seed {seed}"
-            for (column, attack, pretrain, seed), tasks in found.items()]
+            f"{attack} / {pretrain} -> {', '.join(lost)}, seed {seed}"
+            for (column, attack, pretrain, seed), lost in found.items()]
 
 
 def seed_profiles(profile: str, sets, seed: int | None, seeds: str) -> list:
