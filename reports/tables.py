@@ -58,9 +58,14 @@ def current_rows(rows: pd.DataFrame, planned_key, overrides: dict | None = None)
 
     keep = rows.apply(is_current, axis=1).astype(bool)
     stale = ~keep
-    if overrides is not None and "overrides" in rows:
-        stale &= rows.overrides.map(lambda text: _parsed(text) == overrides).astype(bool)
+    if overrides is not None and "overrides" in rows:  # the seed is matched on its own column
+        wanted = _without_seed(overrides)
+        stale &= rows.overrides.map(lambda text: _without_seed(_parsed(text)) == wanted).astype(bool)
     return rows[keep], int(stale.sum())
+
+
+def _without_seed(overrides: dict | None) -> dict | None:
+    return {k: v for k, v in overrides.items() if k != "seed"} if isinstance(overrides, dict) else None
 
 
 def _parsed(text) -> dict | None:
