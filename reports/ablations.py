@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .tables import ASR_COLUMNS, ASR_NOTE, ReportError  # noqa: E402,F401  (ASR_NOTE: for the page header)
+from .tables import ASR_COLUMNS, ASR_NOTE, ReportError, json_field  # noqa: E402,F401  (ASR_NOTE: for the page header)
 
 MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack", "seed"]
 ACC_COLOUR, ASR_COLOUR, REF_COLOUR = "#1f77b4", "#d62728", "0.35"
@@ -201,10 +201,7 @@ def _final_objective(rows: pd.DataFrame) -> float:
     its ``loss_history_last`` when the history was too long for the row)."""
     finals = []
     for extra in rows.get("extra", pd.Series(dtype=object)):
-        try:
-            extra = json.loads(extra or "{}")
-        except (TypeError, ValueError):
-            extra = {}
+        extra = json_field(extra) or {}
         last = (extra.get("loss_history") or [None])[-1] or extra.get("loss_history_last")
         if last:
             finals.append(float(sum(v for v in last if v is not None)))  # None: a switched-off term
@@ -386,7 +383,7 @@ def fit_exponent(sizes, seconds) -> float:
 
 def cost(rows, asr, meas=None):
     defended = rows[rows.role == "defended"].drop_duplicates("encoder_key").copy()
-    defended["n_clean"] = defended.extra.map(lambda e: json.loads(e or "{}").get("n_clean"))
+    defended["n_clean"] = defended.extra.map(lambda e: (json_field(e) or {}).get("n_clean"))
     if defended.n_clean.isna().any():
         raise ReportError("report cost: some defended rows lack the clean-set size (rows written by an older "
                           "defbench); rerun `defbench report cost` to refresh them")

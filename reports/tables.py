@@ -60,7 +60,7 @@ def current_rows(rows: pd.DataFrame, planned_key, overrides: dict | None = None)
     stale = ~keep
     if overrides is not None and "overrides" in rows:  # the seed is matched on its own column
         wanted = _without_seed(overrides)
-        stale &= rows.overrides.map(lambda text: _without_seed(_parsed(text)) == wanted).astype(bool)
+        stale &= rows.overrides.map(lambda text: _without_seed(json_field(text)) == wanted).astype(bool)
     return rows[keep], int(stale.sum())
 
 
@@ -68,11 +68,14 @@ def _without_seed(overrides: dict | None) -> dict | None:
     return {k: v for k, v in overrides.items() if k != "seed"} if isinstance(overrides, dict) else None
 
 
-def _parsed(text) -> dict | None:
+def json_field(text) -> dict | None:
+    """A results row's JSON column (``extra``, ``overrides``) as a dict: ``{}`` when empty, None when it is
+    malformed or not an object (a row edited by hand), so one bad row costs its own cell, not the report."""
     try:
-        return json.loads(text or "{}")
+        value = json.loads(text or "{}")
     except (TypeError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def stale_note(left_out: int, profile: str) -> str:
@@ -164,11 +167,7 @@ def defenses_using_pretrain_data(rows: pd.DataFrame, defenses: list[str]) -> lis
         return []
     found = set()
     for _, row in rows[rows.role == "defended"].iterrows():
-        try:
-            extra = json.loads(row.extra or "{}")
-        except (TypeError, ValueError):
-            continue
-        if isinstance(extra, dict) and extra.get("defense_data") == PRETRAIN_DATA:
+        if (json_field(row.extra) or {}).get("defense_data") == PRETRAIN_DATA:
             found.add(row.defense)
     return [d for d in defenses if d in found]
 

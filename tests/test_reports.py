@@ -13,7 +13,8 @@ from defbench.benchmark.pipeline.results import ResultsDB
 from defbench.benchmark.pipeline.stages import row_records
 from defbench.benchmark.analysis.studies import STUDIES, plan_study
 from defbench.reports import ablations
-from defbench.reports.tables import ReportError
+from defbench.reports import tables
+from defbench.reports.tables import ReportError, json_field
 
 from conftest import MICRO
 
@@ -140,6 +141,18 @@ def test_a_long_loss_history_reaches_the_regime_table_through_its_last_entry(tmp
     db.add_evaluation(row)
     table = _build(db, plan).table.set_index("setting")
     assert table.loc[longest, "final objective"] == pytest.approx(6.5)
+
+
+def test_a_hand_edited_json_column_costs_its_own_row_not_the_report():
+    """A results row whose ``extra`` is not a JSON object (edited by hand, or truncated) is read as lacking
+    the field: the pre-training-data note and the final objective skip it instead of raising."""
+    assert json_field(None) == {} and json_field('{"a": 1}') == {"a": 1}
+    assert json_field("{not json") is None and json_field("[1, 2]") is None
+    rows = pd.DataFrame({"role": ["defended"] * 3, "defense": ["bad", "list", "good"],
+                         "extra": ["{not json", "[1]", json.dumps({"defense_data": tables.PRETRAIN_DATA})]})
+    assert tables.defenses_using_pretrain_data(rows, ["bad", "list", "good"]) == ["good"]
+    history = pd.DataFrame({"extra": ["{not json", json.dumps({"loss_history": [[1.0, None, 2.0]]})]})
+    assert ablations._final_objective(history) == pytest.approx(3.0)
 
 
 def test_a_missing_result_is_an_error_that_says_how_to_compute_it(tmp_path):

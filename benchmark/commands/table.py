@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import click
@@ -54,10 +53,7 @@ def suspects_in_rows(rows) -> dict[str, Suspect]:
     record of each (a name given to another file since then makes the older rows stale)."""
     found: dict[str, Suspect] = {}
     for _, row in rows.sort_values("created_at").iterrows():
-        try:
-            record = json.loads(row.extra or "{}").get("suspect")
-        except (TypeError, ValueError):
-            record = None
+        record = (tables.json_field(row.extra) or {}).get("suspect")
         if record:
             try:
                 found[row.attack] = Suspect.from_record(record)
