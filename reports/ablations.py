@@ -417,8 +417,9 @@ def cost(rows, asr, meas=None):
     table["exponent k"] = [exponents[d] for d in table.index]
     notes = ["wall time of the defend stage as recorded when it ran (device in the results database); "
              "k = least-squares slope of log time on log size",
-             "ANP optimises its masks for a fixed number of iterations and DECREE inverts its trigger for a step "
-             "budget (with early stopping), whatever n is: a k near 0 there is by design"]
+             "ANP optimises its masks for a fixed number of iterations, MOTH hardens for a fixed number of model "
+             "updates, and DECREE inverts its trigger for a step budget (with early stopping), whatever n is: a k "
+             "near 0 there is by design"]
     return fig, table.reset_index(), notes
 
 
