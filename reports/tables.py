@@ -206,35 +206,38 @@ def combine_seeds(tables: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFram
     return pd.concat(mean_parts, ignore_index=True), pd.concat(sd_parts, ignore_index=True)
 
 
-def _separated_best(values: dict[str, float], spreads: dict[str, float] | None, lower: bool) -> str | None:
-    """The best defense, only when it beats the runner-up by more than the sum of their spreads over seeds
-    (with one seed there is no spread: nothing is marked)."""
-    if spreads is None or len(values) < 2:
-        return None
-    ranked = sorted(values, key=values.get, reverse=not lower)
-    best, runner = ranked[0], ranked[1]
-    margin = [spreads.get(best), spreads.get(runner)]
-    if any(m is None or pd.isna(m) for m in margin):  # a cell that fewer seeds measured: no spread to compare
-        return None
-    return best if abs(values[runner] - values[best]) > sum(margin) else None
+def _paired_best(row: pd.Series, per_seed: list[pd.DataFrame] | None, defenses: list[str]) -> tuple:
+    """The best ACC and the lowest ASR of a table row, each only where a paired Wilcoxon test against the
+    runner-up separates them (:func:`defbench.reports.stats.paired_best`). The pairs are the seeds' values of a
+    task row, or every (task, seed) of an Average row; with one seed nothing is marked."""
+    from .stats import paired_best
+    if not per_seed or len(per_seed) < 2:
+        return None, None
+    keys = [("attack", ""), ("pretrain", ""), ("downstream", "")]
+    blocks = []
+    for frame in per_seed:
+        same = frame[keys[0]] == row[keys[0]]
+        if row[keys[1]] == "Average":
+            hits = frame[same & (frame[keys[1]] != "Average")]
+        else:
+            hits = frame[same & (frame[keys[1]] == row[keys[1]]) & (frame[keys[2]] == row[keys[2]])]
+        blocks.append(hits)
+    blocks = pd.concat(blocks, ignore_index=True)
+    best = []
+    for metric, lower in (("ACC", False), ("ASR", True)):
+        values = pd.DataFrame({d: pd.to_numeric(blocks[(d, metric)]) for d in defenses if (d, metric) in blocks})
+        best.append(paired_best(values, lower) if len(values.columns) else None)
+    return tuple(best)
 
 
-def _best(row: pd.Series, sd_row: pd.Series | None, defenses: list[str]) -> tuple[str | None, str | None]:
-    def metric(name, frame_row):
-        return {d: frame_row[(d, name)] for d in defenses if pd.notna(row[(d, name)])}
-    accs, asrs = metric("ACC", row), metric("ASR", row)
-    spread_acc = metric("ACC", sd_row) if sd_row is not None else None
-    spread_asr = metric("ASR", sd_row) if sd_row is not None else None
-    return _separated_best(accs, spread_acc, lower=False), _separated_best(asrs, spread_asr, lower=True)
-
-
-def _cells(table: pd.DataFrame, sd: pd.DataFrame | None, defenses: list[str], bold) -> tuple[list, list]:
+def _cells(table: pd.DataFrame, sd: pd.DataFrame | None, defenses: list[str], bold,
+           per_seed: list[pd.DataFrame] | None = None) -> tuple[list, list]:
     metric_cols = [c for c in table.columns[3:]]
     headers = ["attack", "pre-train → downstream"] + [f"{c[0]} {c[1]}" for c in metric_cols]
     body = []
     for i, row in table.iterrows():
         sd_row = sd.loc[i] if sd is not None else None
-        best_acc, best_asr = _best(row, sd_row, defenses)
+        best_acc, best_asr = _paired_best(row, per_seed, defenses)
         where = row[("pretrain", "")] if row[("pretrain", "")] == "Average" else \
             f"{row[('pretrain', '')]} → {row[('downstream', '')]}"
         if row[("pretrain", "")] == "Average" and row[("downstream", "")]:
@@ -257,7 +260,9 @@ def _bold_note(table: pd.DataFrame, sd: pd.DataFrame | None, n_seeds: int) -> st
         return ("No best is marked: with one seed there is no spread to tell a best from noise "
                 "(`--seeds 0,1,2` gives mean ± sd and marks separated bests).")
     note = (f"mean ± sd over {n_seeds} seeds. Bold: best ACC / lowest ASR among the defenses (Undefended "
-            "excluded), only where it beats the runner-up by more than the sum of their sds.")
+            "excluded), only where a two-sided Wilcoxon signed-rank test against the runner-up, paired over the "
+            "seeds (a task row) or over every task and seed (an Average row), gives p < 0.05; with fewer than 6 "
+            "pairs no cell can be bold.")
     measured = [c for c in table.columns[3:] if not c[1].startswith("paper")]
     if (table[measured].notna() & sd[measured].isna()).any().any():
         note += (" A cell without ± rests on one seed (the other seeds' rows are not in the database yet) and "
@@ -266,7 +271,9 @@ def _bold_note(table: pd.DataFrame, sd: pd.DataFrame | None, n_seeds: int) -> st
 
 
 def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str], title: str,
-           sd: pd.DataFrame | None = None, n_seeds: int = 1) -> str:
+           sd: pd.DataFrame | None = None, n_seeds: int = 1, per_seed: list[pd.DataFrame] | None = None) -> str:
+    """Table I as md, latex or csv; ``per_seed`` (the seeds' own :func:`table1` frames) lets the paired test
+    mark a best."""
     from tabulate import tabulate
     if fmt == "csv":
         flat = table.copy()
@@ -278,13 +285,13 @@ def render(table: pd.DataFrame, defenses: list[str], fmt: str, notes: list[str],
                 flat["_".join(x for x in col if x).replace(" ", "_").lower() + "_sd"] = sd[col].values
         return flat.to_csv(index=False, float_format="%.2f")
     if fmt == "md":
-        headers, body = _cells(table, sd, defenses, lambda t: f"**{t}**")
+        headers, body = _cells(table, sd, defenses, lambda t: f"**{t}**", per_seed)
         text = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
         return f"### {title}\n\n{text}\n\n" + "\n".join(f"- {n}" for n in notes) + \
             f"\n- {_bold_note(table, sd, n_seeds)}\n"
     if fmt == "latex":
         notes = notes + [_bold_note(table, sd, n_seeds)]
-        headers, body = _cells(table, sd, defenses, lambda t: f"\\textbf{{{t}}}")
+        headers, body = _cells(table, sd, defenses, lambda t: f"\\textbf{{{t}}}", per_seed)
         def escape(text: str) -> str:
             for raw, tex in (("±", "$\\pm$"), ("→", "$\\rightarrow$"), ("_", "\\_"), ("%", "\\%")):
                 text = text.replace(raw, tex)

@@ -25,24 +25,31 @@ def _rows(seed: int, values: dict[str, tuple[float, float]]) -> pd.DataFrame:
 def _render(per_seed: list[pd.DataFrame]) -> str:
     frames = [tables.table1(rows, ["ft", "mimic"])[0] for rows in per_seed]
     mean, sd = tables.combine_seeds(frames)
-    return tables.render(mean, ["ft", "mimic"], "md", [], "t", sd, len(per_seed))
+    return tables.render(mean, ["ft", "mimic"], "md", [], "t", sd, len(per_seed), per_seed=frames)
 
 
-def test_several_seeds_give_mean_and_sd_and_a_separated_best_is_bold():
+def test_a_best_separated_by_the_paired_test_is_bold():
+    # six seeds: mimic's ASR is lower than ft's on every seed (Wilcoxon p = 0.031), ft's ACC higher on every seed
+    per_seed = [_rows(s, {"undefended": (70, 99), "ft": (70 + s, 50 + s), "mimic": (60, 10 + s)}) for s in range(6)]
+    text = _render(per_seed)
+    assert "**12.50 ± 1.87**" in text and "**72.50 ± 1.87**" in text
+    assert "two-sided Wilcoxon signed-rank test" in text
+
+
+def test_three_seeds_never_bold_however_far_apart():
+    # the smallest two-sided Wilcoxon p of three pairs is 0.25: no best can be claimed from three seeds
     per_seed = [_rows(s, {"undefended": (70, 99), "ft": (70 + s, 50 + s), "mimic": (60, 10 + s)}) for s in (0, 1, 2)]
     text = _render(per_seed)
-    assert "71.00 ± 1.00" in text and "**11.00 ± 1.00**" in text  # ft ACC; mimic's ASR is separated: bold
-    assert "**71.00 ± 1.00**" in text  # ft's ACC beats mimic's 60 by more than the spreads
-    assert "only where it beats the runner-up" in text
-
-
-def test_a_best_within_the_spread_is_not_bold():
-    per_seed = [_rows(s, {"undefended": (70, 99), "ft": (70 + 2 * s, 20 + 10 * s), "mimic": (71, 25 - 5 * s)})
-                for s in (0, 1, 2)]
-    text = _render(per_seed)
-    assert "30.00 ± 10.00" in text and "20.00 ± 5.00" in text
-    # ASR 20 ± 5 vs 30 ± 10, ACC 72 ± 2 vs 71 ± 0: neither gap exceeds the spreads
+    assert "71.00 ± 1.00" in text and "11.00 ± 1.00" in text
     assert "**" not in text.split("\n\n- ")[0]
+
+
+def test_a_best_that_flips_between_seeds_is_not_bold():
+    # mimic's ASR is lower on four seeds and higher on two: the paired test does not separate them
+    asr = {"ft": [20, 30, 25, 22, 10, 12], "mimic": [15, 25, 20, 18, 40, 35]}
+    per_seed = [_rows(s, {"undefended": (70, 99), "ft": (70, asr["ft"][s]), "mimic": (70, asr["mimic"][s])})
+                for s in range(6)]
+    assert "**" not in _render(per_seed).split("\n\n- ")[0]
 
 
 def test_a_row_measured_at_fewer_seeds_shows_no_spread_and_the_table_says_so():

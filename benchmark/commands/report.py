@@ -14,6 +14,7 @@ from ..pipeline.scheduler import diverged_stages
 from ..pipeline.store import ArtifactStore
 from .common import check_datasets, check_writable_folder, friendly_errors, open_env, profile_options, where
 from .grid import check_workers, executor_options, run_and_summarise
+from .publish import publish_pages, rank_pages
 from .table import open_results, seed_profiles
 
 
@@ -22,18 +23,29 @@ from .table import open_results, seed_profiles
 @click.option("--seeds", default="", metavar="0,1,2", help="run and render over these seeds (mean ± sd, error bars)")
 @executor_options
 @click.option("--no-run", is_flag=True, help="only render from the results database (fail if results are missing)")
+@click.option("--update", is_flag=True, help="publish: first add the database's current rows to OUT_DIR/rows.csv")
 @click.option("--asr-convention", type=click.Choice(["all", "exclude-target"]), default="all", show_default=True)
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/out"),
               show_default=True, help="where the figures, tables and markdown go")
 @profile_options
 @friendly_errors
-def report(name, seeds, executor, workers, no_run, asr_convention, out_dir, profile, sets, seed, device, data_dir,
-           verbose):
-    """Run one of the paper's studies (or `all`) through the grid runner and render its figure and table.
+def report(name, seeds, executor, workers, no_run, update, asr_convention, out_dir, profile, sets, seed, device,
+           data_dir, verbose):
+    """Run one of the paper's studies (or `all`) through the grid runner and render its figure and table;
+    or render the result pages with paired statistics (`ranks`, `publish`).
 
     Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
     adaptive, cost, frontier, mimic-regime. `all` also writes OUT_DIR/ablations.md with every figure and
-    its numbers."""
+    its numbers. `ranks` renders, from the results database, one page per row group (Table I rows over seeds,
+    paired Wilcoxon-Holm tests, Friedman ranks, critical-difference diagram, every seed). `publish` renders
+    the same pages from the snapshot OUT_DIR/rows.csv alone (`--update` first adds the database's rows)."""
+    if name in ("ranks", "publish"):
+        seed_list = [p.seed for p in seed_profiles(profile, sets, seed, seeds)] if seeds else None
+        if name == "ranks":
+            rank_pages(profile, out_dir, seed_list)
+        else:
+            publish_pages(profile, out_dir, update, seed_list)
+        return
     check_workers(executor, workers)
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]

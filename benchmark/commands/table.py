@@ -131,7 +131,7 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
         table_notes += diverged_notes(profiles, sorted(set(prof.grid.attacks) | set(every.attack)), columns,
                                       table_tasks(prof.grid.pretrain, every))
         title = f"Table I, profile {prof.name}, seed{'s' if len(profiles) > 1 else ''} {seed_text}: ACC / ASR (%)"
-        text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(frames))
+        text = tables.render(mean, columns, fmt, table_notes + notes, title, sd, len(frames), per_seed=frames)
     write_output(text, output)
 
 
