@@ -42,6 +42,8 @@ TOWER_EXPECTED = {
                "'vision_model.encoder.layers.0.self_attn.q_proj.weight', ...)",
 }
 TEXT_FILE = "text_tower.pt"
+STORED = "defbench-tower"  # a tower in defbench's own format (what the pipeline stores)
+TOWER_LAYOUTS = (*TOWER_EXPECTED, STORED)
 
 
 @dataclass
@@ -204,10 +206,8 @@ def _stored_tower_config(raw: RawCheckpoint) -> dict | None:
 
 
 def unknown_layout(raw: RawCheckpoint) -> str:
-    """One line: the file is in no layout defbench reads, and what each layout looks like."""
-    layouts = [*ck.EXPECTED.values(), *TOWER_EXPECTED.values()]
-    return (f"{raw.path} is in no layout defbench reads ({len(raw.state)} tensors, first "
-            f"{next(iter(raw.keys), 'none')!r}); expected {'; or '.join(layouts)}")
+    """One line: the ResNet layouts' message (what each looks like, the closest key found), and the towers'."""
+    return f"{ck._unknown_layout(raw)}; nor a ViT / CLIP tower: {'; or '.join(TOWER_EXPECTED.values())}"
 
 
 # ----------------------------------------------------------------- building
@@ -254,7 +254,7 @@ def load_any_checkpoint(path: str | os.PathLike, *, image_size: int | None = Non
                  "std": None if std is None else tuple(std)}
         if any(v is not None and v != values[k] for k, v in given.items()):
             raise CheckpointError(f"{path} records its input size and normalisation; rebuild it to change them")
-        return encoder, _info(raw, "defbench", encoder, values, dict.fromkeys(values, "file"), [], False)
+        return encoder, _info(raw, STORED, encoder, values, dict.fromkeys(values, "file"), [], False)
     plan = plan_tower(raw)
     if plan is None:
         if not _is_resnet_layout(raw):
@@ -276,7 +276,7 @@ def _info(raw, layout, encoder, resolved, sources, carried, text) -> dict:
     return {"path": str(raw.path), "sha256": raw.sha256, "container": raw.container, "layout": layout,
             "arch": c.arch, "width": c.width, "image_size": resolved["image_size"], "mean": list(resolved["mean"]),
             "std": list(resolved["std"]), "sources": sources,
-            "head": "from the file" if layout == "defbench" else "fresh (the layout has no projection head)",
+            "head": "from the file" if layout == STORED else "fresh (the layout has no projection head)",
             "carried": carried, "prefix": raw.prefix, "note": "", "tower": True, "text_tower": text}
 
 
@@ -302,7 +302,9 @@ def save_like_any(encoder, source: str | os.PathLike, out: str | os.PathLike, sh
     """:func:`.checkpoints.save_like` for every layout: a tower goes back into its library's layout, every
     tensor of the file that is not the image tower (the text tower, a classifier head) unchanged."""
     raw = read_checkpoint(source)
-    plan = plan_tower(raw) if _stored_tower_config(raw) is None else None
+    if _stored_tower_config(raw) is not None:
+        return _save_stored(encoder, raw, Path(out))
+    plan = plan_tower(raw)
     if plan is None:
         return ck.save_like(encoder, source, out, sha256=sha256)
     if sha256 is not None and raw.sha256 != sha256:
@@ -327,6 +329,17 @@ def save_like_any(encoder, source: str | os.PathLike, out: str | os.PathLike, sh
         ck._atomic_write(out, ck._torch_bytes(payload))
     return {"path": str(out), "layout": plan.layout, "container": raw.container, "sha256": ck.file_sha256(out),
             "carried_unchanged": plan.carried(raw)}
+
+
+def _save_stored(encoder, raw: RawCheckpoint, out: Path) -> dict:
+    """A tower in defbench's format written back in that format (same container)."""
+    if raw.container == "torch":
+        ck.save_encoder(encoder, out, meta=raw.payload.get("meta") or {})
+    else:
+        state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+        ck.save_safetensors(state, out, {**raw.metadata, "format": ck.FORMAT,
+                                         "config": json.dumps(encoder.config.to_dict())})
+    return {"path": str(out), "layout": STORED, "container": raw.container, "sha256": ck.file_sha256(out)}
 
 
 def save_text_tower(source: str | os.PathLike, out: str | os.PathLike) -> bool:
