@@ -136,6 +136,17 @@ class Tower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)["feature"]
 
+    def run_blocks(self, x: torch.Tensor, blocks, prefix: int, call=None) -> tuple[torch.Tensor, dict]:
+        """Tokens through ``blocks``; each block's map is taken on the way and the next block reads its tokens
+        back from that map (the same numbers), so every map lies on the feature's graph (MEDIC differentiates
+        the teacher's loss with respect to them)."""
+        stages = {}
+        for name, block in zip(self.stage_names, blocks):
+            x = call(block, x) if call else block(x)
+            stages[name] = grid = patch_grid(x, prefix)
+            x = torch.cat([x[:, :prefix], grid.flatten(2).transpose(1, 2)], 1)
+        return x, stages
+
 
 class TimmViT(Tower):
     def __init__(self, params: dict, image_size: int):
@@ -146,10 +157,7 @@ class TimmViT(Tower):
     def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        stages = {}
-        for name, block in zip(self.stage_names, m.blocks):
-            x = block(x)
-            stages[name] = patch_grid(x, m.num_prefix_tokens)
+        x, stages = self.run_blocks(x, m.blocks, m.num_prefix_tokens)
         stages["feature"] = m.forward_head(m.norm(x), pre_logits=True)
         return stages
 
@@ -170,8 +178,9 @@ class OpenClipViT(Tower):
 
     def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
-        x, blocks = m.transformer.forward_intermediates(m._embeds(x))
-        stages = {name: patch_grid(out, 1) for name, out in zip(self.stage_names, blocks)}
+        batch_first = getattr(m.transformer, "batch_first", True)  # older open_clip runs blocks sequence-first
+        call = None if batch_first else (lambda block, t: block(t.transpose(0, 1)).transpose(0, 1))
+        x, stages = self.run_blocks(m._embeds(x), m.transformer.resblocks, 1, call)
         pooled, _ = m._pool(x)
         stages["feature"] = pooled @ m.proj
         return stages
@@ -192,15 +201,20 @@ class HFClipViT(Tower):
         self.projected = bool(projection)
 
     def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model.vision_model(pixel_values=x, output_hidden_states=True)
-        stages = {name: patch_grid(h, 1) for name, h in zip(self.stage_names, out.hidden_states[1:])}
-        pooled = out.pooler_output
+        vm = self.model.vision_model
+        x, stages = self.run_blocks(vm.pre_layrnorm(vm.embeddings(x)), vm.encoder.layers, 1, _hf_layer)
+        pooled = vm.post_layernorm(x[:, 0])
         stages["feature"] = self.model.visual_projection(pooled) if self.projected else pooled
         return stages
 
     def mlp(self, stage: str) -> tuple[nn.Linear, nn.Linear]:
         layer = self.model.vision_model.encoder.layers[self.block_index(stage)]
         return layer.mlp.fc1, layer.mlp.fc2
+
+
+def _hf_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = layer(x, None)  # no attention mask; older transformers return a tuple
+    return out[0] if isinstance(out, tuple) else out
 
 
 BACKBONES = {"timm-vit": TimmViT, "openclip-vit": OpenClipViT, "hf-clip-vit": HFClipViT}
