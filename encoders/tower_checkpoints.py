@@ -293,7 +293,15 @@ def load_any_encoder(path: str | os.PathLike) -> torch.nn.Module:
     """:func:`.checkpoints.load_encoder` for the pipeline's stored files, tower encoders included."""
     raw = read_checkpoint(path)
     stored = _stored_tower_config(raw)
-    return _stored_encoder(raw, stored) if stored is not None else ck.load_encoder(path)
+    if stored is not None:
+        return _stored_encoder(raw, stored)
+    try:  # what ck.load_encoder does, on the file already read (a stage's encoder is read once, not twice)
+        plan = ck.plan_checkpoint(raw)
+        return ck._build(raw, plan, ck._resolve(plan, raw, None, None, None)[0])
+    except (RuntimeError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{raw.path} is not a valid encoder checkpoint: {ck._one_line(err, 200)}") from None
 
 
 # ----------------------------------------------------------------- writing back, text towers
