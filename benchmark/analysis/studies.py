@@ -23,9 +23,10 @@ from typing import Callable
 from ...core import ConfigError, Registry, UserError
 from ...defenses import DEFENSES, MEASUREMENTS
 from ...reports import ablations as render
+from ...reports import protocols as render_protocols
 from ..pipeline.plan import (attack_stage, cell_stages, clean_encoder_stages, clean_set_spec, downstream_tasks,
                              pretrain_stage, stamped_trigger)
-from ..pipeline.settings import Profile, load_profile
+from ..pipeline.settings import DEFAULT_PROTOCOL, Profile, load_profile
 from ..pipeline.stages import Stage
 
 EVERY_DEFENSE = ("*",)  # the profile's grid.defenses (e.g. --set 'grid.defenses=["ft","mine"]')
@@ -42,6 +43,7 @@ class Arm:
     attack: str = ""  # "": the profile's studies.attack
     on_clean_encoder: bool = False  # apply the defenses to the clean encoder (Table III)
     measure: str = ""  # a measurement instead of evaluations (e.g. "stage-mi")
+    protocol: str = DEFAULT_PROTOCOL  # how the downstream task uses the encoder (pipeline/protocols.py)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,10 @@ for _study in [
           _sweep("clean.fraction", (0.01, 0.03, 0.05), fmt="{:.0%}", defenses=EVERY_DEFENSE), render.cost),
     Study("frontier", "Efficacy against compute: each defense at 1/4 to 4 times its own budget",
           "(this benchmark)", frontier_arms, render.frontier),
+    Study("protocols", "Does a defense's ASR depend on how the encoder is used downstream? Every defense under "
+          "the MLP probe, a linear probe, a weighted kNN vote and whole-encoder fine-tuning", "(this benchmark)",
+          tuple(Arm(p, protocol=p, defenses=EVERY_DEFENSE) for p in ("mlp", "linear", "knn", "finetune")),
+          render_protocols.protocols),
     Study("mimic-regime", "MIMIC's regime, one factor at a time: lr, the attention term's form, epochs, encoder "
           "width, clean-set size", "(this benchmark)", regime_arms, render.regime),
 ]:
@@ -202,7 +208,7 @@ def plan_study(name: str, profile_name: str, sets: dict | None = None) -> StudyP
                 continue
             for defense in _defenses(arm, prof):
                 plan = clean_encoder_stages if arm.on_clean_encoder else cell_stages
-                arm_stages.extend(plan(prof, attack, defense, pretrain, task).values())
+                arm_stages.extend(plan(prof, attack, defense, pretrain, task, protocol=arm.protocol).values())
         _label(arm_stages, study, arm)
         (measurements if arm.measure else evaluations).extend(arm_stages)
     return StudyPlan(study, base, base.studies.attack, pretrain, tasks, evaluations, measurements)

@@ -21,6 +21,7 @@ from .listing import list_
 from .report import report
 from .run import run
 from .table import table
+from .zoo import zoo
 
 
 # library warnings that tell a defbench user nothing (and would add lines to a one-line error)
@@ -65,7 +66,7 @@ def main():
     """defbench: backdoor defenses for self-supervised image encoders, compared on one footing."""
 
 
-for _command in (run, grid, table, report, golden, config, defend, evaluate, detect, check_data, clean, list_):
+for _command in (run, grid, table, report, golden, config, defend, evaluate, detect, check_data, clean, list_, zoo):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -21,7 +21,9 @@ import click
 
 from ...core import UserError
 from ...defenses import DEFENSES
-from ...encoders.checkpoints import CheckpointError, load_checkpoint, save_like
+from ...defenses.on_transformers import check_runs_on
+from ...encoders.checkpoints import CheckpointError
+from ...encoders.tower_checkpoints import load_any_checkpoint as load_checkpoint, save_like_any as save_like
 from ...encoders.screening import is_screened, save_screen
 from ..datasets import load_dataset
 from ..pipeline.external import import_stage
@@ -41,8 +43,8 @@ def defbench_version() -> str:
 
 @click.command()
 @click.option("--encoder", "encoder_path", required=True, metavar="PATH",
-              help="the suspect: a defbench, BadEncoder/MIMIC-release or torchvision ResNet checkpoint (.pt or "
-                   ".safetensors)")
+              help="the suspect: a defbench, BadEncoder/MIMIC-release or torchvision ResNet checkpoint, or a timm ViT, "
+                   "open_clip / OpenAI CLIP or Hugging Face CLIP tower (.pt or .safetensors)")
 @click.option("--defense", required=True, help="a registered defense (defbench list defenses)")
 @click.option("--clean", "clean_data", required=True, metavar="DATA",
               help="the defender's clean images: a dataset name (its pre-training split), npz:DIR or folder:DIR")
@@ -64,7 +66,8 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
     sidecar = out.with_name(out.name + ".json")
     if out.resolve() == source.resolve():
         raise UserError(f"-o {out} is the input file; write the defended encoder somewhere else")
-    _, info = load_checkpoint(source, image_size=image_size, mean=mean, std=std)  # every check, before anything
+    suspect, info = load_checkpoint(source, image_size=image_size, mean=mean, std=std)  # every check, first
+    check_runs_on(component.name, suspect)  # a defense that cannot run on a ViT says so before any compute
     check_writable_folder(out.resolve().parent, "the defended encoder")
     env = open_env(prof, device, data_dir, verbose)
     load_dataset(clean_data, "pretrain", env.data_dir, info["image_size"])  # a missing dataset fails here

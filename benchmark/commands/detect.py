@@ -14,7 +14,7 @@ import click
 from ...core import UserError
 from ...defenses import DETECTORS
 from ...encoders import RunContext, pick_device
-from ...encoders.checkpoints import load_checkpoint
+from ...encoders.tower_checkpoints import load_any_checkpoint as load_checkpoint
 from .. import paths
 from ..analysis.detect import DEFAULT_DATA, calibrate, detection_images, run_detection
 from ..pipeline.plan import pretrain_stage
@@ -27,8 +27,8 @@ from .common import (check_datasets, check_home, check_seed, encoder_options, fr
 
 @click.command()
 @click.option("--encoder", "encoder_path", default=None, metavar="PATH",
-              help="encoder checkpoint: defbench, BadEncoder/MIMIC-release or torchvision ResNet (.pt or "
-                   ".safetensors)")
+              help="encoder checkpoint: defbench, BadEncoder/MIMIC-release, torchvision ResNet, timm ViT, open_clip / "
+                   "OpenAI CLIP or Hugging Face CLIP tower (.pt or .safetensors)")
 @click.option("--detector", default="decree", show_default=True, help="a registered detector (defbench list detectors)")
 @click.option("--profile", default="tiny", show_default=True,
               help="whose detector settings (budget, threshold): paper, tiny, ci or a .toml path")

@@ -17,10 +17,11 @@ import click
 
 from ...attacks.triggers import load_trigger
 from ...core import UserError
-from ...encoders.checkpoints import load_checkpoint
+from ...encoders.tower_checkpoints import load_any_checkpoint as load_checkpoint
 from ..datasets import load_dataset
 from ..pipeline.external import Suspect, import_stage
 from ..pipeline.plan import evaluate_stage, target_class
+from ..pipeline.settings import DEFAULT_PROTOCOL, PROTOCOLS
 from ..pipeline.scheduler import run_grid
 from .common import encoder_options, friendly_errors, open_env, profile_from_options, profile_options
 
@@ -31,24 +32,31 @@ def _number(value):
 
 @click.command()
 @click.option("--encoder", "encoder_path", required=True, metavar="PATH",
-              help="a defbench, BadEncoder/MIMIC-release or torchvision ResNet checkpoint (.pt or .safetensors)")
+              help="a defbench, BadEncoder/MIMIC-release or torchvision ResNet checkpoint, or a timm ViT, open_clip / "
+                   "OpenAI CLIP or Hugging Face CLIP tower (.pt or .safetensors)")
 @click.option("--downstream", required=True, metavar="DATA",
               help="the downstream task: a dataset name, npz:DIR or folder:DIR (train and test splits)")
 @click.option("--trigger", default=None, metavar="FILE|NAME",
               help="patch[:SIZE], a BadEncoder-release .npz (t, tm), an .npz with pattern and mask, or a PNG with "
                    "alpha (the mask); without it, ACC only")
 @click.option("--target", type=int, default=None, help="the target class (default: the task's paper target)")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default=DEFAULT_PROTOCOL, show_default=True,
+              help="how the task uses the encoder: the reference MLP probe, a linear probe, a weighted kNN vote, "
+                   "fine-tuning the whole encoder, or CLIP zero-shot from class-name prompts")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @encoder_options
 @profile_options
 @friendly_errors
-def evaluate(encoder_path, downstream, trigger, target, as_json, image_size, mean, std, profile, sets, seed,
+def evaluate(encoder_path, downstream, trigger, target, protocol, as_json, image_size, mean, std, profile, sets, seed,
              device, data_dir, verbose):
     """ACC (and ASR with --trigger) of any encoder checkpoint, with the benchmark's probe and settings."""
     prof = profile_from_options(profile, sets, seed)
     if target is not None and not trigger:
         raise UserError("--target needs --trigger (the ASR is measured with a trigger)")
     _, info = load_checkpoint(encoder_path, image_size=image_size, mean=mean, std=std)  # every check, first
+    if protocol == "zeroshot" and not info.get("text_tower"):
+        raise UserError(f"--protocol zeroshot needs a CLIP file that holds its text tower; {encoder_path} "
+                        f"({info['layout']} layout) has none")
     size = info["image_size"]
     stamped = load_trigger(trigger, size) if trigger else None
     env = open_env(prof, device, data_dir, verbose)
@@ -62,7 +70,8 @@ def evaluate(encoder_path, downstream, trigger, target, as_json, image_size, mea
     suspect = Suspect("file", str(encoder_path), info["sha256"], size, tuple(info["mean"]), tuple(info["std"]),
                       info["layout"], stamped.describe() if stamped else None, target, trigger or "")
     stage = evaluate_stage(prof, import_stage(encoder_path, info), downstream, suspect.trigger, target,
-                           image_size=size, role="external", attack="file", defense="none", suspect=suspect.record())
+                           image_size=size, protocol=protocol, role="external", attack="file", defense="none",
+                           suspect=suspect.record())
     outcomes = run_grid([stage], env)
     failed = [o for o in outcomes if o.status in ("failed", "skipped")]
     if failed:
@@ -71,7 +80,8 @@ def evaluate(encoder_path, downstream, trigger, target, as_json, image_size, mea
     status = next(o.status for o in outcomes if o.stage.key == stage.key)
     result = {"encoder": str(encoder_path), "sha256": info["sha256"], "layout": info["layout"], "arch": info["arch"],
               "image_size": size, "mean": info["mean"], "std": info["std"], "sources": info["sources"],
-              "downstream": downstream, "trigger": trigger, "target": target, "profile": prof.name,
+              "downstream": downstream, "protocol": protocol, "trigger": trigger, "target": target,
+              "profile": prof.name,
               "seed": prof.seed, "acc": metrics["acc"], "asr": _number(metrics["asr_all"]),
               "asr_excl_target": _number(metrics["asr_excl"]), "n_test": metrics["n_test"],
               "eval_key": stage.key, "cached": status == "cached"}
@@ -80,6 +90,7 @@ def evaluate(encoder_path, downstream, trigger, target, as_json, image_size, mea
         return
     asr = (f"ASR {metrics['asr_all']:.2f} (target {target}, trigger {trigger}; target class excluded "
            f"{metrics['asr_excl']:.2f})" if stamped else "ASR not measured (no --trigger)")
-    click.echo(f"{encoder_path}: {downstream} ACC {metrics['acc']:.2f} {asr}; {metrics['n_test']} test images, "
+    click.echo(f"{encoder_path}: {downstream} ({protocol}) ACC {metrics['acc']:.2f} {asr}; {metrics['n_test']} test "
+               "images, "
                f"{info['layout']} layout, {info['arch']} at {size} px, profile {prof.name}"
                f"{' (cached)' if status == 'cached' else ''}")

@@ -11,6 +11,9 @@ from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
 from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from ...defenses.on_transformers import REFUSED
+from ...encoders.tower_checkpoints import TOWER_LAYOUTS
+from .. import zoo
 from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
 from .common import check_datasets, friendly_errors, names, open_env, profile_options
 
@@ -33,7 +36,8 @@ def executor_options(fn):
 @click.option("--seeds", default="", metavar="0,1,2", help="run the grid once per seed (stages are keyed by seed)")
 @click.option("--suspect", "suspect_specs", multiple=True, metavar="NAME=PATH[:TRIGGER[:TARGET]]",
               help="an external encoder checkpoint as a row group beside the attacks (repeatable); TRIGGER: "
-                   "patch:SIZE or a file (.npz, .png with alpha); also [suspects] in a profile")
+                   "patch:SIZE or a file (.npz, .png with alpha); zoo:NAME for a fetched zoo checkpoint (its "
+                   "trigger and target from the manifest); also [suspects] in a profile")
 @executor_options
 @profile_options
 @friendly_errors
@@ -44,8 +48,7 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, exe
     check_workers(executor, workers)
     profiles = seed_profiles(profile, sets, seed, seeds)
     prof = profiles[0]
-    suspects = profile_suspects(prof) + [resolve_suspect(name, **fields)
-                                         for name, fields in map(parse_suspect, suspect_specs)]
+    suspects = profile_suspects(prof) + [_suspect(text) for text in suspect_specs]
     spec = grid_spec(prof, names(attacks, "--attacks"), names(defenses, "--defenses"),
                      names(pretrain_sets, "--pretrain"), names(downstream, "--downstream"), suspects)
     for what, items in (("attacks", spec.attacks or spec.suspects), ("defenses", spec.defenses),
@@ -62,6 +65,9 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, exe
         seen.add(suspect.name)
     for name in spec.defenses:
         DEFENSES.get(name)
+        towers = [s.name for s in spec.suspects if s.layout in TOWER_LAYOUTS]
+        if towers and name in REFUSED:  # said before any compute, as `defbench defend` does
+            raise UserError(f"{name} cannot run on the transformer tower(s) {', '.join(towers)}: {REFUSED[name]}")
     cells = {}  # plans every stage of every seed: every setting is checked before anything runs
     for p in profiles:
         cells.update({(*key, p.seed): stage for key, stage in expand_grid(p, spec).items()})
@@ -77,6 +83,14 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, exe
     outcomes = run_and_summarise(list(cells.values()), env, executor, workers, prof)
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
+
+
+def _suspect(text: str):
+    """``--suspect zoo:NAME`` (a fetched zoo checkpoint) or ``NAME=PATH[:TRIGGER[:TARGET]]``."""
+    if text.startswith("zoo:"):
+        return zoo.suspect(text[len("zoo:"):])
+    name, fields = parse_suspect(text)
+    return resolve_suspect(name, **fields)
 
 
 def check_workers(executor: str, workers: int) -> None:

@@ -35,7 +35,7 @@ def report(name, seeds, executor, workers, no_run, update, asr_convention, out_d
     or render the result pages with paired statistics (`ranks`, `publish`).
 
     Studies: components, lambdas, trigger-size, clean-ratio, poison-ratio, clean-encoders, mi-layers,
-    adaptive, cost, frontier, mimic-regime. `all` also writes OUT_DIR/ablations.md with every figure and
+    adaptive, cost, frontier, protocols, mimic-regime. `all` also writes OUT_DIR/ablations.md with every figure and
     its numbers. `ranks` renders, from the results database, one page per row group (Table I rows over seeds,
     paired Wilcoxon-Holm tests, Friedman ranks, critical-difference diagram, every seed). `publish` renders
     the same pages from the snapshot OUT_DIR/rows.csv alone (`--update` first adds the database's rows)."""

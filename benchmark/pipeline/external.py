@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ...attacks.triggers import load_trigger
 from ...core import RegistryError, UserError
-from ...encoders.checkpoints import load_checkpoint
+from ...encoders.tower_checkpoints import TOWER_LAYOUTS, load_any_checkpoint as load_checkpoint
 from .plan import defend_stage, evaluate_stage, target_class
 from .settings import Profile
 from .stages import Stage
@@ -34,6 +34,8 @@ def import_stage(path: str | Path, info: dict) -> Stage:
     """The stage that reads checkpoint ``path`` (as ``load_checkpoint`` described it in ``info``)."""
     spec = {"sha256": info["sha256"], "image_size": info["image_size"], "mean": list(info["mean"]),
             "std": list(info["std"])}
+    if info.get("layout") in TOWER_LAYOUTS:  # a ViT / CLIP tower: its stages run the tower code (stages.py)
+        spec["layout"] = info["layout"]
     return Stage("import", IMPORT, spec, labels={"label": f"import {path}", "path": str(path)})
 
 
@@ -62,7 +64,7 @@ class Suspect:
 
     def stage(self) -> Stage:
         return import_stage(self.path, {"sha256": self.sha256, "image_size": self.image_size, "mean": self.mean,
-                                        "std": self.std})
+                                        "std": self.std, "layout": self.layout})
 
     def target_for(self, pretrain: str, downstream: str) -> int | None:
         if self.trigger is None:

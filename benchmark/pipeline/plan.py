@@ -16,7 +16,8 @@ from ...attacks.learned import is_learned
 from ...core import ConfigError, RegistryError, UserError
 from ...defenses import DEFENSES, needs_pretrain_data
 from ..datasets import FAMILIES, data_version, get_spec
-from .settings import Profile
+from .protocols import spec_entry
+from .settings import DEFAULT_PROTOCOL, Profile, ProtocolSettings
 from .stages import Stage
 
 
@@ -119,25 +120,31 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
 
 
 def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict | None, target: int | None,
-                   image_size: int | None = None, needs: tuple[Stage, ...] = (), **labels) -> Stage:
+                   image_size: int | None = None, needs: tuple[Stage, ...] = (), protocol: str = DEFAULT_PROTOCOL,
+                   **labels) -> Stage:
     """ACC (and ASR with ``trigger`` and ``target``; None: ACC only) of ``encoder`` on ``downstream``, read at
     ``image_size`` (default: the profile's encoder's); ``needs``: further stages to wait for (the attack stage
-    holding a learned trigger, :func:`stamped_trigger`)."""
+    holding a learned trigger, :func:`stamped_trigger`). ``protocol``: how the task uses the encoder
+    (``pipeline/protocols.py``); only a protocol other than the MLP probe enters the spec."""
     spec = {"downstream": downstream, "data": data_version(downstream),
             "image_size": image_size or profile.encoder.image_size,
             "trigger": trigger, "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
+    entry = spec_entry(protocol, getattr(profile, "protocols", None) or ProtocolSettings())
+    if entry:
+        spec["protocol"] = entry
     label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
+    label += f" ({protocol})" if entry else ""
     deps = (encoder, *(stage for stage in needs if stage.key != encoder.key))
     return Stage("evaluate", downstream, spec, deps, _labels(profile, label=label, **labels))
 
 
 def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: str,
-                         downstream: str) -> dict[str, Stage]:
+                         downstream: str, protocol: str = DEFAULT_PROTOCOL) -> dict[str, Stage]:
     """A defense applied to the CLEAN encoder (Table III): evaluations before and after."""
     trigger_source = attack_stage(profile, attack, pretrain, downstream)  # planned for its trigger (run if learned)
     (trigger, needs), target = stamped_trigger(trigger_source), trigger_source.spec["target"]
     clean = pretrain_stage(profile, pretrain)
-    common = {"attack": attack, "pretrain": pretrain, "needs": needs}
+    common = {"attack": attack, "pretrain": pretrain, "needs": needs, "protocol": protocol}
     return {
         "clean": evaluate_stage(profile, clean, downstream, trigger, target, role="clean", defense="none", **common),
         "defended": evaluate_stage(profile, defend_stage(profile, defense, clean, pretrain), downstream, trigger,
@@ -145,11 +152,12 @@ def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: 
     }
 
 
-def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, downstream: str) -> dict[str, Stage]:
+def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, downstream: str,
+                protocol: str = DEFAULT_PROTOCOL) -> dict[str, Stage]:
     """The evaluate stages of one cell, by role: clean, undefended, defended (absent for 'none')."""
     suspect = attack_stage(profile, attack, pretrain, downstream)
     (trigger, needs), target = stamped_trigger(suspect), suspect.spec["target"]
-    common = {"attack": attack, "pretrain": pretrain, "needs": needs}
+    common = {"attack": attack, "pretrain": pretrain, "needs": needs, "protocol": protocol}
     stages = {
         "clean": evaluate_stage(profile, pretrain_stage(profile, pretrain), downstream, trigger, target,
                                 role="clean", defense="none", **common),

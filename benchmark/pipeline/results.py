@@ -2,7 +2,8 @@
 
 Every number in a table comes from a row of ``evaluations`` (with its full
 config, code version, seed, device and wall time; rows of a study also carry
-its ``study``, ``arm``, ``sweep`` and swept value ``x``); ``measurements`` holds
+its ``study``, ``arm``, ``sweep`` and swept value ``x``; every row its downstream ``protocol``, NULL in rows
+written before protocols existed, which are ``mlp``); ``measurements`` holds
 the studies' measurements (MI per layer...); ``stages`` keeps one row per
 computed stage (what it was, how long it took, what it recorded).
 """
@@ -49,13 +50,13 @@ CREATE TABLE IF NOT EXISTS stages (
 EVAL_COLUMNS = ["row_key", "eval_key", "encoder_key", "profile", "overrides", "seed", "attack", "defense",
                 "role", "pretrain", "downstream", "target", "acc", "asr_all", "asr_excl", "n_test",
                 "encoder_seconds", "eval_seconds", "device", "code_version", "config", "extra", "created_at",
-                "study", "arm", "sweep", "x"]
+                "study", "arm", "sweep", "x", "protocol"]
 MEASUREMENT_COLUMNS = ["row_key", "stage_key", "name", "study", "arm", "profile", "overrides", "seed", "attack",
                        "defense", "pretrain", "downstream", "role", "result", "seconds", "device", "code_version",
                        "created_at"]
 # columns added after the first release: (table, column, type), added to older databases on open
 ADDED_COLUMNS = [("evaluations", "study", "TEXT"), ("evaluations", "arm", "TEXT"), ("evaluations", "sweep", "TEXT"),
-                 ("evaluations", "x", "REAL")]
+                 ("evaluations", "x", "REAL"), ("evaluations", "protocol", "TEXT")]
 STAGE_COLUMNS = ["stage_key", "kind", "name", "label", "seconds", "device", "code_version", "spec",
                  "records", "created_at"]
 

@@ -75,6 +75,29 @@ class EvalSettings:
             raise ValueError(f"evaluate.lr must be positive, got {self.lr}")
 
 
+PROTOCOLS = ("mlp", "linear", "knn", "finetune", "zeroshot")
+DEFAULT_PROTOCOL = "mlp"
+
+
+@dataclass
+class ProtocolSettings:
+    """Downstream protocols other than the MLP probe (``pipeline/protocols.py``); ``mlp`` uses ``evaluate``."""
+    knn_k: int = 200
+    knn_temperature: float = 0.5
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 64
+    prompt: str = "a photo of a {}."
+
+    def validate(self):
+        if self.knn_k < 1 or self.finetune_epochs < 1 or self.finetune_batch_size < 1:
+            raise ValueError("protocols.knn_k, finetune_epochs and finetune_batch_size must be at least 1")
+        if self.knn_temperature <= 0 or self.finetune_lr <= 0:
+            raise ValueError("protocols.knn_temperature and finetune_lr must be positive")
+        if "{}" not in self.prompt:
+            raise ValueError(f"protocols.prompt needs a {{}} where the class name goes, got {self.prompt!r}")
+
+
 @dataclass
 class GridSettings:
     # the profile files name them (the paper's: badencoder, bassl; ft ... mimic; cifar10, stl10)
@@ -98,7 +121,7 @@ class StudySettings:
 
 
 SECTIONS = {"encoder": EncoderConfig, "pretrain": PretrainSettings, "clean": CleanSettings,
-            "evaluate": EvalSettings, "grid": GridSettings, "studies": StudySettings}
+            "evaluate": EvalSettings, "grid": GridSettings, "studies": StudySettings, "protocols": ProtocolSettings}
 TOP_LEVEL = {"seed": int, "data_dir": str, "description": str}
 COMPONENTS: dict[str, ComponentRegistry] = {"attack": ATTACKS, "defense": DEFENSES}
 SUSPECTS = "suspects"  # [suspects] NAME = "PATH[:TRIGGER[:TARGET]]": external encoders as row groups of the grid
@@ -126,6 +149,7 @@ class Profile:
     evaluate: EvalSettings = field(default_factory=EvalSettings)
     grid: GridSettings = field(default_factory=GridSettings)
     studies: StudySettings = field(default_factory=StudySettings)
+    protocols: ProtocolSettings = field(default_factory=ProtocolSettings)
     overrides: dict[str, object] = field(default_factory=dict)  # the --set values, for the record
     sources: dict[str, str] = field(default_factory=dict)  # "section.field" -> the layer that set it
     # external encoders of the grid ([suspects] NAME = "PATH[:TRIGGER[:TARGET]]" or a table; pipeline/external.py)

@@ -45,12 +45,14 @@ import torch
 from ...attacks import ATTACKS, trigger_from_description
 from ...attacks.learned import LEARNED_TRIGGER, TRIGGER_FILE, is_learned
 from ...core import UserError
-from ...defenses import DEFENSES, MEASUREMENTS, REMOVED_RECORD, CleanData, PretrainData
-from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, load_encoder, save_encoder, train_simclr
-from ...encoders.checkpoints import CheckpointError, load_checkpoint
+from ...defenses import DEFENSES, MEASUREMENTS, REMOVED_RECORD, CleanData, PretrainData, on_transformers
+from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, save_encoder, train_simclr
+from ...encoders.checkpoints import CheckpointError
+from ...encoders.tower_checkpoints import (TEXT_FILE, load_any_checkpoint as load_checkpoint,
+                                           load_any_encoder as load_encoder, load_text_tower, save_text_tower)
 from ...encoders.screening import is_screened, load_screen, save_screen
 from . import evaluate as evaluation
-from . import inputs, pretrain_inputs, screening
+from . import inputs, pretrain_inputs, protocols, screening
 from .device import configure_backends, resident
 from .keys import code_version, digest
 from .results import ResultsDB
@@ -63,6 +65,9 @@ ENCODER_KINDS = ("pretrain", "attack", "defend", "import")
 SEEDING = 3
 INPUTS = "defbench.benchmark.pipeline.inputs"
 SCREENING = "defbench.benchmark.pipeline.screening"
+TOWER_LOADER = "defbench.encoders.tower_checkpoints"  # an import of a ViT / CLIP tower file
+ON_TRANSFORMERS = "defbench.defenses.on_transformers"  # how a defense runs on a tower
+PROTOCOLS = "defbench.benchmark.pipeline.protocols"  # an evaluation under a protocol other than the MLP probe
 
 
 class NonFiniteError(UserError):
@@ -86,6 +91,9 @@ class Stage:
                  "evaluate": lambda: "defbench.benchmark.pipeline.evaluate",
                  "measure": lambda: MEASUREMENTS.get(self.name).fn.__module__,
                  "import": lambda: "defbench.encoders.checkpoints"}[self.kind]()
+        extra = _tower_roots(self)  # () for every stage of a ResNet and every MLP-probe evaluation
+        if extra:
+            return code_version(roots, INPUTS, *extra)
         if self.kind == "evaluate" and _screens(self.deps[0]):  # how rejections are counted is part of the result
             return code_version(roots, INPUTS, SCREENING)
         if self.kind == "defend" and "pretrain_data" in self.spec:  # the harness code that picks those images
@@ -111,6 +119,26 @@ class Stage:
         # Not from the key: a refactor that changes no numerics must give bit-identical numbers,
         # so editing a module re-runs its stages but never re-draws their random numbers.
         return int(self.seed_identity[:8], 16) % (2**31)
+
+
+def _imports_tower(stage: Stage) -> bool:
+    """Whether ``stage`` is, or works on an encoder that comes from, the import of a ViT / CLIP tower file."""
+    if stage.kind == "import":
+        return "layout" in stage.spec
+    return any(_imports_tower(dep) for dep in stage.deps[:1])
+
+
+def _tower_roots(stage: Stage) -> tuple[str, ...]:
+    """The modules a stage runs beyond its usual ones when it meets a tower or a non-default protocol; empty
+    otherwise, so the code versions (and keys) of every other stage are what they were."""
+    roots = []
+    if _imports_tower(stage):
+        roots += [TOWER_LOADER] + ([ON_TRANSFORMERS] if stage.kind == "defend" else [])
+    if stage.kind == "evaluate" and "protocol" in stage.spec:
+        roots.append(PROTOCOLS)
+    if roots and stage.kind == "evaluate" and _screens(stage.deps[0]):
+        roots.append(SCREENING)
+    return tuple(roots)
 
 
 def _screens(stage: Stage) -> bool:
@@ -241,8 +269,8 @@ def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
                                                           _learned_trigger(env, stage.deps[0]))
         extra["pretrain"] = PretrainData(resident(pretraining.images, ctx.device), pretraining.recipe)
     suspect = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
-    encoder = component.fn(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx,
-                           **extra)
+    run = on_transformers.runner(component, suspect)  # the registered function, or its variant on a ViT
+    encoder = run(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx, **extra)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"defense {s['defense']!r} returned {type(encoder).__name__}, not an Encoder")
     fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
@@ -261,6 +289,8 @@ def _run_import(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
         raise CheckpointError(f"{path} changed since the run was planned (sha256 {info['sha256'][:12]}, planned "
                               f"{s['sha256'][:12]}); rerun the command")
     (out / "source.json").write_text(json.dumps(info, indent=1))
+    if info.get("text_tower"):  # a CLIP model's text tower, for zero-shot evaluation of this encoder and its defenses
+        save_text_tower(path, out / TEXT_FILE)
     return {"encoder": encoder, "result": {"source": info}}
 
 
@@ -293,6 +323,9 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     splits = inputs.evaluation_splits(env.data_dir, s, cfg.max_train, cfg.max_test)
     (train, train_id), (test, test_id) = splits["train"], splits["test"]
     train_images, test_images = resident(train.images, ctx.device), resident(test.images, ctx.device)
+    if "protocol" in s:  # another protocol than the reference MLP probe (pipeline/protocols.py)
+        return _run_protocol(stage, env, ctx, out, encoder, cfg, (train, train_images, train_id),
+                             (test, test_images, test_id))
     f_train = _features(env, stage, encoder, ctx, train_images, train_id, None, cfg.feature_batch)
     f_test = _features(env, stage, encoder, ctx, test_images, test_id, None, cfg.feature_batch)
     f_trig = _features(env, stage, encoder, ctx, test_images, test_id, s["trigger"], cfg.feature_batch) \
@@ -309,6 +342,39 @@ def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     metrics = evaluation.score(evaluation.predict(probe, f_test, ctx.device),
                                evaluation.predict(probe, f_trig, ctx.device) if f_trig is not None else None,
                                test.labels, s["target"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {"result": metrics}
+
+
+def _text_tower(env: Env, stage: Stage):
+    """The text tower kept by the import stage this stage's encoder comes from (None: there is none)."""
+    while stage.kind != "import":
+        if not stage.deps:
+            return None
+        stage = stage.deps[0]
+    path = env.store.path("import", stage.key) / TEXT_FILE
+    return load_text_tower(path) if path.is_file() else None
+
+
+def _run_protocol(stage: Stage, env: Env, ctx: RunContext, out: Path, encoder, cfg, train_split, test_split) -> dict:
+    """ACC/ASR under the stage's protocol; features come from (and go to) the same cache as the MLP probe's."""
+    s = stage.spec
+    (train, train_images, train_id), (test, test_images, test_id) = train_split, test_split
+    if is_screened(encoder):
+        raise UserError(f"{stage.label}: protocol {s['protocol']['name']} does not count an input screen's "
+                        "rejections; evaluate a screening defense (DeDe) with the mlp protocol")
+    where = {"train": (train_images, train_id, None), "test": (test_images, test_id, None),
+             "triggered": (test_images, test_id, s["trigger"])}
+
+    def features(which: str) -> torch.Tensor:
+        images, split_id, trigger = where[which]
+        return _features(env, stage, encoder, ctx, images, split_id, trigger, cfg.feature_batch)
+
+    text = _text_tower(env, stage.deps[0]) if s["protocol"]["name"] == "zeroshot" else None
+    metrics = protocols.run(s["protocol"], encoder, dataclasses.replace(train, images=train_images),
+                            dataclasses.replace(test, images=test_images), _stamping_trigger(env, s["trigger"]),
+                            s["target"], cfg, ctx, features, text)
+    metrics["protocol"] = s["protocol"]["name"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return {"result": metrics}
 
@@ -369,6 +435,7 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
         "profile": labels.get("profile"), "overrides": labels.get("overrides", {}), "seed": labels.get("seed"),
         "attack": labels.get("attack"), "defense": labels.get("defense"), "role": labels.get("role"),
         "pretrain": labels.get("pretrain"), "downstream": stage.spec["downstream"], "target": stage.spec["target"],
+        "protocol": (stage.spec.get("protocol") or {}).get("name", protocols.DEFAULT),
         **{k: meta["result"][k] for k in ("acc", "asr_all", "asr_excl", "n_test")},
         "encoder_seconds": encoder_meta.get("seconds"), "eval_seconds": meta.get("seconds"),
         "device": meta.get("device"), "code_version": stage.code,
@@ -377,7 +444,7 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
                   **{k: v for k, v in encoder_meta.get("result", {}).items() if k in ("n_clean", "defense_data")},
                   **_pretrain_extra(encoder_meta.get("result", {}).get("pretrain_data")),
                   **{k: v for k, v in meta["result"].items()  # a screened encoder's rejection rates
-                     if k not in ("acc", "asr_all", "asr_excl", "n_test")},
+                     if k not in ("acc", "asr_all", "asr_excl", "n_test", "protocol")},
                   **({"suspect": labels["suspect"]} if labels.get("suspect") else {})},
         **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
     }
