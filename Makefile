@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: install demo test clean-venv table1 ablations bench bench-compare ci-small gpu-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev,clip]'
 	touch $(STAMP)

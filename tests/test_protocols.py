@@ -78,6 +78,6 @@ def test_report_protocols_renders_every_defense_under_every_protocol(tmp_path):
         assert f"{protocol} ASR" in page
     assert "undefended" in page and "ft" in page and "ASR range" in page
     assert (tmp_path / "protocols.png").is_file()
-    from defbench.benchmark import paths
+    from defbench.core import paths
     rows = ResultsDB(paths.results_db(), readonly=True).evaluations(study="protocols")
     assert set(rows.protocol) == {"mlp", "linear", "knn", "finetune"}

@@ -110,7 +110,7 @@ def clean_encoder_rows(name: str, profile: str, classes: int, version: str) -> t
 @friendly_errors
 def check_data(name, split, count, profile, data_dir):
     """Measure a dataset's backdoor-benchmark premises (spectrum, white windows, clean-encoder ASR)."""
-    from .. import paths
+    from ...core import paths
     from ..datasets import load_dataset
 
     folder = str(paths.data_dir(data_dir))

@@ -13,7 +13,7 @@ import shutil
 import click
 
 from ...core import UserError
-from .. import paths
+from ...core import paths
 from ..pipeline.store import ArtifactStore, stale_files
 from .common import friendly_errors, where
 

@@ -24,7 +24,7 @@ import click
 
 from ...core import UserError
 from ...encoders import pick_device
-from .. import paths
+from ...core import paths
 from ..datasets import DatasetError, load_dataset
 from ..pipeline.inputs import dataset_split
 from ..pipeline.results import ResultsDB

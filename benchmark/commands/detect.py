@@ -15,7 +15,7 @@ from ...core import UserError
 from ...defenses import DETECTORS
 from ...encoders import RunContext, pick_device
 from ...encoders.tower_checkpoints import load_any_checkpoint as load_checkpoint
-from .. import paths
+from ...core import paths
 from ..analysis.detect import DEFAULT_DATA, calibrate, detection_images, run_detection
 from ..pipeline.plan import pretrain_stage
 from ..pipeline.scheduler import run_grid

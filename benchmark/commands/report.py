@@ -8,7 +8,7 @@ import click
 
 from ...reports import ablations
 from ...reports.tables import ReportError
-from .. import paths
+from ...core import paths
 from ..analysis.studies import STUDIES, plan_study
 from ..pipeline.scheduler import diverged_stages
 from ..pipeline.store import ArtifactStore

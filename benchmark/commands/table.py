@@ -11,7 +11,7 @@ from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
 from ...reports import tables
-from .. import paths
+from ...core import paths
 from ..datasets import FAMILIES
 from ..pipeline.external import Suspect, planned_suspect_key
 from ..pipeline.plan import planned_evaluation_key

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torchvision import datasets as tvd
 
-from .. import paths
+from ...core import paths
 from .base import DatasetError, DatasetSpec, ImageSet, register_dataset, resize_uint8, to_nchw_rgb
 
 _MEMO: dict[tuple, ImageSet] = {}

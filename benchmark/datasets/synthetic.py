@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.path import Path as PolyPath
 
-from .. import paths
+from ...core import paths
 from .base import DatasetSpec, ImageSet, register_dataset, resize_uint8
 
 GENERATOR_VERSION = 5
