@@ -26,7 +26,7 @@ class ReportError(UserError):
 
 
 def select_rows(rows: pd.DataFrame, seed: int | None = None, planned_key=None,
-                overrides: dict | None = None) -> tuple[pd.DataFrame, int]:
+                overrides_of=None) -> tuple[pd.DataFrame, int]:
     """The newest row per (attack, defense, role, pretrain, downstream) among ``rows`` (one profile's rows from
     the results database) of ``seed``, and how many rows :func:`current_rows` left out as stale (when
     ``planned_key`` is given). Rows are matched by stage key, not by how the settings were spelled: two
@@ -35,17 +35,18 @@ def select_rows(rows: pd.DataFrame, seed: int | None = None, planned_key=None,
         rows = rows[rows.seed == seed]
     left_out = 0
     if planned_key is not None:
-        rows, left_out = current_rows(rows, planned_key, overrides)
+        rows, left_out = current_rows(rows, planned_key, overrides_of)
     return rows.sort_values("created_at").drop_duplicates(
         ["attack", "defense", "role", "pretrain", "downstream"], keep="last"), left_out
 
 
-def current_rows(rows: pd.DataFrame, planned_key, overrides: dict | None = None) -> tuple[pd.DataFrame, int]:
+def current_rows(rows: pd.DataFrame, planned_key, overrides_of=None) -> tuple[pd.DataFrame, int]:
     """Only the rows that today's code and settings would produce: a row is kept when its ``eval_key`` is
     ``planned_key(attack, defense, role, pretrain, downstream)``. Rows left by an older code version (or an
     unregistered component) would otherwise stand in for results nobody recomputed. Returns the kept rows
-    and how many were left out as stale; given ``overrides`` (the table's --set), only rows computed with
-    those count as stale: a row of other overrides (a study's arm) belongs to another table."""
+    and how many were left out as stale; given ``overrides_of(attack, defense)`` (the table's --set values that
+    take effect for a row of that attack and defense, as the row records them), only rows computed with those
+    count as stale: a row of other overrides (a study's arm) belongs to another table."""
     if rows.empty:
         return rows, 0
     cache: dict[tuple, str | None] = {}
@@ -58,9 +59,9 @@ def current_rows(rows: pd.DataFrame, planned_key, overrides: dict | None = None)
 
     keep = rows.apply(is_current, axis=1).astype(bool)
     stale = ~keep
-    if overrides is not None and "overrides" in rows:  # the seed is matched on its own column
-        wanted = _without_seed(overrides)
-        stale &= rows.overrides.map(lambda text: _without_seed(json_field(text)) == wanted).astype(bool)
+    if overrides_of is not None and "overrides" in rows:  # the seed is matched on its own column
+        stale &= rows.apply(lambda row: _without_seed(json_field(row.overrides))
+                            == _without_seed(overrides_of(row.attack, row.defense)), axis=1).astype(bool)
     return rows[keep], int(stale.sum())
 
 

@@ -170,3 +170,62 @@ def test_config_says_which_layer_set_each_value(tmp_path):
     assert "'ci' entry" in rows["defense.mimic.mi_epochs"]["source"]
     assert rows["defense.mimic.alpha0"]["source"] == "paper default"
     assert rows["encoder.width"]["source"].startswith("profile ci") and rows["encoder.width"]["stage"] == "pretrain"
+
+
+# ----------------------------------------------------------------- 6. where a --set takes effect
+
+def test_a_generic_key_the_chosen_defense_lacks_is_an_error_naming_it_and_its_fields(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from defbench.benchmark.cli import main
+    monkeypatch.setenv("DEFBENCH_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["run", "--profile", "ci", "--defense", "dede", "--set", "defense.epochs=5"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "--set defense.epochs: defense dede has no setting 'epochs'" in result.stderr
+    assert all(f in result.stderr for f in ("steps", "mask_ratio", "threshold_rule"))  # its fields, by name
+    assert not (tmp_path / "artifacts").exists()  # refused before anything was computed
+    for argv, message in ((["--defense", "none"], "nothing here runs a defense"),
+                          (["--set", "defense.ft.epochs=2"], "more specific key (defense.ft.epochs)")):
+        result = CliRunner().invoke(main, ["run", "--profile", "ci", "--set", "defense.epochs=5", *argv])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_a_generic_key_in_a_grid_says_where_it_took_effect_and_only_those_rows_record_it():
+    from defbench.benchmark.pipeline.plan import components_used
+    from defbench.benchmark.pipeline.scheduler import expand_grid, grid_spec
+
+    def cells(profile):
+        spec = grid_spec(profile, ["badencoder"], ["ft", "dede"], ["synth-cifar10"], ["synth-stl10"])
+        return {key[1]: stage for key, stage in expand_grid(profile, spec).items()}
+
+    profile, plain = _load("defense.epochs=2", "encoder.width=8"), cells(_load("encoder.width=8"))
+    planned = cells(profile)
+    assert profile.check_reach(components_used(list(planned.values()))) == [
+        "--set defense.epochs=2 takes effect for defense ft; not for dede (no such setting, or a "
+        "defense.NAME.epochs key sets it)"]
+    recorded = {column: stage.labels["overrides"] for column, stage in planned.items()}
+    assert recorded == {"ft": {"defense.epochs": 2, "encoder.width": 8}, "dede": {"encoder.width": 8},
+                        "undefended": {"encoder.width": 8}, "clean": {"encoder.width": 8}}
+    # where it took no effect the stage is the one computed without it (same key, same row)
+    assert all(planned[c].key == plain[c].key for c in ("dede", "undefended", "clean"))
+    assert planned["ft"].key != plain["ft"].key
+    # a specific key of a defense that does not run is accepted (one --set list for many cells) and recorded nowhere
+    other = cells(_load("defense.mimic.lr=0.01"))
+    assert not any(stage.labels["overrides"] for stage in other.values())
+
+
+def test_the_table_counts_stale_rows_by_the_overrides_each_row_records():
+    import pandas as pd
+
+    from defbench.reports.tables import current_rows
+    profile = _load("defense.epochs=5")
+    rows = pd.DataFrame([
+        {"attack": "badencoder", "defense": "dede", "role": "defended", "pretrain": "p", "downstream": "t",
+         "eval_key": "old-dede", "overrides": "{}"},  # an older dede row of this table: stale
+        {"attack": "badencoder", "defense": "ft", "role": "defended", "pretrain": "p", "downstream": "t",
+         "eval_key": "old-ft", "overrides": '{"defense.epochs": 5}'},  # an older ft row of this table: stale
+        {"attack": "badencoder", "defense": "ft", "role": "defended", "pretrain": "p", "downstream": "t",
+         "eval_key": "arm", "overrides": '{"defense.ft.lr": 0.1}'},  # another table's row (a study arm)
+    ])
+    kept, stale = current_rows(rows, lambda *cell: "current", profile.overrides_for)
+    assert kept.empty and stale == 2

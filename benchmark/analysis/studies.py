@@ -232,7 +232,8 @@ def _measure_stage(prof: Profile, arm: Arm, attack: str, pretrain: str, task: st
             "settings": measurement.settings_of(prof.defense_config(measurement.defense)),
             "seed": prof.seed}
     role = "clean" if arm.on_clean_encoder else "undefended"
-    labels = {"profile": prof.name, "overrides": prof.overrides, "seed": prof.seed, "attack": attack,
+    labels = {"profile": prof.name, "overrides": prof.overrides_for(attack=attack, defense=measurement.defense),
+              "seed": prof.seed, "attack": attack,
               "pretrain": pretrain, "downstream": task, "role": role, "defense": "none",
               "label": f"measure {arm.measure} {role} {attack} {pretrain}->{task}"}
     return Stage("measure", arm.measure, spec, (encoder, *(n for n in needs if n.key != encoder.key)), labels)

@@ -103,6 +103,14 @@ def profile_from_options(profile: str, sets, seed: int | None):
     return load_profile(profile, overrides)
 
 
+def check_settings_reach(prof, used: dict[str, set[str]]) -> None:
+    """Every attack/defense key of --set must take effect where this command runs (``Profile.check_reach``:
+    otherwise a one-line error naming the method and its fields); a generic key that takes effect for some of
+    the methods run and not others is said in one line on stderr."""
+    for note in prof.check_reach(used):
+        click.echo(f"defbench: {note}", err=True)
+
+
 def open_env(prof, device: str, data_dir: str | None, verbose: bool = False) -> Env:
     """The artifact store, the results database, the data folder and the device, each checked; temporaries
     that killed processes left behind are swept. Call it once every setting has been checked: it creates

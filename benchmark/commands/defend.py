@@ -30,8 +30,8 @@ from ..pipeline.external import import_stage
 from ..pipeline.plan import defend_stage
 from ..pipeline.scheduler import run_grid
 from ..pipeline.stages import load_stage_encoder
-from .common import (check_writable_folder, encoder_options, format_value, friendly_errors, open_env,
-                     profile_from_options, profile_options, where)
+from .common import (check_settings_reach, check_writable_folder, encoder_options, format_value, friendly_errors,
+                     open_env, profile_from_options, profile_options, where)
 
 
 def defbench_version() -> str:
@@ -62,6 +62,7 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
     """Defend any encoder checkpoint with a registered defense and write it back in its own layout."""
     prof = profile_from_options(profile, sets, seed)
     component = DEFENSES.get(defense)
+    check_settings_reach(prof, {"defense": {component.name}})
     source, out = Path(encoder_path), Path(out_path)
     sidecar = out.with_name(out.name + ".json")
     if out.resolve() == source.resolve():

@@ -21,8 +21,8 @@ from ..pipeline.plan import pretrain_stage
 from ..pipeline.scheduler import run_grid
 from ..pipeline.settings import load_profile
 from ..pipeline.stages import load_stage_encoder
-from .common import (check_datasets, check_home, check_seed, encoder_options, friendly_errors, names, open_env,
-                     profile_from_options, where)
+from .common import (check_datasets, check_home, check_seed, check_settings_reach, encoder_options, friendly_errors,
+                     names, open_env, profile_from_options, where)
 
 
 @click.command()
@@ -65,6 +65,7 @@ def detect(encoder_path, detector, profile, sets, data, n_images, data_dir, thre
         raise UserError(f"--quantile must be between 0 and 1, got {quantile}")
     found = DETECTORS.get(detector)
     prof = profile_from_options(profile, sets, None)
+    check_settings_reach(prof, {"defense": {found.defense}})
     cfg = prof.defense_config(found.defense)
     if calibrate_seeds:
         return _calibrate(prof, found, cfg, names(calibrate_seeds, "--calibrate"), data, n_images, data_dir, seed,

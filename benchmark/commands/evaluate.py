@@ -23,7 +23,8 @@ from ..pipeline.external import Suspect, import_stage
 from ..pipeline.plan import evaluate_stage, target_class
 from ..pipeline.settings import DEFAULT_PROTOCOL, PROTOCOLS
 from ..pipeline.scheduler import run_grid
-from .common import encoder_options, friendly_errors, open_env, profile_from_options, profile_options
+from .common import (check_settings_reach, encoder_options, friendly_errors, open_env, profile_from_options,
+                     profile_options)
 
 
 def _number(value):
@@ -51,6 +52,7 @@ def evaluate(encoder_path, downstream, trigger, target, protocol, as_json, image
              device, data_dir, verbose):
     """ACC (and ASR with --trigger) of any encoder checkpoint, with the benchmark's probe and settings."""
     prof = profile_from_options(profile, sets, seed)
+    check_settings_reach(prof, {})  # no attack or defense runs here
     if target is not None and not trigger:
         raise UserError("--target needs --trigger (the ASR is measured with a trigger)")
     _, info = load_checkpoint(encoder_path, image_size=image_size, mean=mean, std=std)  # every check, first

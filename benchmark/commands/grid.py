@@ -15,7 +15,8 @@ from ...defenses.on_transformers import REFUSED
 from ...encoders.tower_checkpoints import TOWER_LAYOUTS
 from .. import zoo
 from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
-from .common import check_datasets, friendly_errors, names, open_env, profile_options
+from ..pipeline.plan import components_used
+from .common import check_datasets, check_settings_reach, friendly_errors, names, open_env, profile_options
 
 
 def executor_options(fn):
@@ -71,6 +72,7 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, exe
     cells = {}  # plans every stage of every seed: every setting is checked before anything runs
     for p in profiles:
         cells.update({(*key, p.seed): stage for key, stage in expand_grid(p, spec).items()})
+    check_settings_reach(prof, components_used(list(cells.values())))
     env = open_env(prof, device, data_dir, verbose)
     for pretrain in spec.pretrain:
         targets: dict[str, set[int]] = {}

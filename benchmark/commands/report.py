@@ -10,9 +10,11 @@ from ...reports import ablations
 from ...reports.tables import ReportError
 from ...core import paths
 from ..analysis.studies import STUDIES, plan_study
+from ..pipeline.plan import components_used
 from ..pipeline.scheduler import diverged_stages
 from ..pipeline.store import ArtifactStore
-from .common import check_datasets, check_writable_folder, friendly_errors, open_env, profile_options, where
+from .common import (check_datasets, check_settings_reach, check_writable_folder, friendly_errors, open_env,
+                     profile_options, where)
 from .grid import check_workers, executor_options, run_and_summarise
 from .publish import publish_pages, rank_pages
 from .table import open_results, seed_profiles
@@ -51,6 +53,8 @@ def report(name, seeds, executor, workers, no_run, update, asr_convention, out_d
     prof = profiles[0]
     studies = STUDIES.names() if name == "all" else [STUDIES.get(name).name]
     plans = {n: [plan_study(n, profile, p.overrides) for p in profiles] for n in studies}  # study -> one per seed
+    check_settings_reach(prof, components_used([s for per_seed in plans.values() for plan in per_seed
+                                                for s in plan.stages]))
     check_writable_folder(out_dir, "the report")  # before hours of compute, not after
     if no_run:  # only reads: the database opened read-only, nothing else touched
         db = open_results(prof.name, f"defbench report {name} --profile {prof.name}")

@@ -10,13 +10,14 @@ from tabulate import tabulate
 
 from ...attacks import ATTACKS
 from ...defenses import DEFENSES
-from ..pipeline.plan import cell_stages, downstream_tasks
+from ..pipeline.plan import cell_stages, components_used, downstream_tasks
 from ..pipeline.scheduler import Outcome, run_grid
 from ..pipeline.settings import Profile
 from ..pipeline.stages import Env
 from ...core import UserError
 from ..pipeline.stages import StoreError
-from .common import check_datasets, friendly_errors, open_env, profile_from_options, profile_options
+from .common import (check_datasets, check_settings_reach, friendly_errors, open_env, profile_from_options,
+                     profile_options)
 
 
 @click.command()
@@ -39,6 +40,7 @@ def run(attack, defense, pretrain, downstream, as_json, profile, sets, seed, dev
     pretrain = pretrain or prof.grid.pretrain[0]
     tasks = downstream_tasks(pretrain, downstream)
     per_task = {task: cell_stages(prof, attack, defense, pretrain, task) for task in tasks}  # plans = checks
+    check_settings_reach(prof, components_used([s for stages in per_task.values() for s in stages.values()]))
     env = open_env(prof, device, data_dir, verbose)
     check_datasets(prof, env, pretrain, tasks, {t: st["undefended"].spec["target"] for t, st in per_task.items()},
                    clean_set=defense != "none")

@@ -96,7 +96,8 @@ def table(name, profile, seed, seeds, sets, fmt, asr_convention, compare_paper, 
     suspects = suspects_in_rows(found)
     per_seed, stale = [], 0
     for p in profiles:
-        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_key, p, suspects), p.overrides)
+        rows, left_out = tables.select_rows(found, p.seed, functools.partial(planned_key, p, suspects),
+                                            p.overrides_for)
         per_seed.append(rows)
         stale += left_out
     every = pd.concat(per_seed, ignore_index=True)

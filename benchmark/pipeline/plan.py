@@ -14,7 +14,7 @@ import dataclasses
 from ...attacks import ATTACKS
 from ...attacks.learned import is_learned
 from ...core import ConfigError, RegistryError, UserError
-from ...defenses import DEFENSES, needs_pretrain_data
+from ...defenses import DEFENSES, MEASUREMENTS, needs_pretrain_data
 from ..datasets import FAMILIES, data_version, get_spec
 from .protocols import spec_entry
 from .settings import DEFAULT_PROTOCOL, Profile, ProtocolSettings
@@ -41,7 +41,29 @@ def target_class(pretrain: str, downstream: str, configured: int) -> int:
 
 
 def _labels(profile: Profile, **labels) -> dict:
-    return {"profile": profile.name, "overrides": profile.overrides, "seed": profile.seed, **labels}
+    """A stage's labels; its ``overrides`` are the --set values that took effect for its attack and defense."""
+    overrides = profile.overrides_for(attack=labels.get("attack"), defense=labels.get("defense"))
+    return {"profile": profile.name, "overrides": overrides, "seed": profile.seed, **labels}
+
+
+def components_used(stages: list[Stage]) -> dict[str, set[str]]:
+    """kind -> the names of the attacks and defenses that ``stages`` and their inputs run (a measurement counts
+    for the defense whose settings it reads): where a ``--set`` key can take effect (``Profile.check_reach``)."""
+    used: dict[str, set[str]] = {"attack": set(), "defense": set()}
+    todo, seen = list(stages), set()
+    while todo:
+        stage = todo.pop()
+        if id(stage) in seen:
+            continue
+        seen.add(id(stage))
+        todo.extend(stage.deps)
+        if stage.kind == "attack":
+            used["attack"].add(stage.name)
+        elif stage.kind == "defend":
+            used["defense"].add(stage.name)
+        elif stage.kind == "measure":
+            used["defense"].add(MEASUREMENTS.get(stage.name).defense)
+    return used
 
 
 def pretrain_stage(profile: Profile, dataset: str) -> Stage:

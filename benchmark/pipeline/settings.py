@@ -27,7 +27,7 @@ import torch
 
 from ...attacks import ATTACKS
 from ...core import ComponentRegistry, ConfigError, build_config, coerce
-from ...core.config import check_range, field_types
+from ...core.config import check_range, field_types, unknown_field_message
 from ...defenses import DEFENSES
 from ...encoders import EncoderConfig, SimCLRConfig
 from .keys import canonical_json  # noqa: F401  (re-exported: older imports)
@@ -184,6 +184,64 @@ class Profile:
                         sources[fname] = layer.source
         return build_config(component.config, values, f"{kind}.{name}"), sources
 
+    def takes_effect(self, key: str, kind: str, name: str) -> bool:
+        """Whether ``--set key`` sets a field of component ``kind`` ``name``: a specific key (``defense.mimic.lr``)
+        of that component, or a generic one (``defense.epochs``) that it has and that no ``--set`` key names
+        specifically for it (the specific key wins)."""
+        parsed = component_key(key)
+        if parsed is None or parsed[0] != kind or name not in COMPONENTS[kind]:
+            return False
+        _, owner, fname = parsed
+        if owner is not None:
+            return owner == name
+        return fname in COMPONENTS[kind].get(name).config_fields() and f"{kind}.{name}.{fname}" not in self.overrides
+
+    def overrides_for(self, attack: str | None = None, defense: str | None = None) -> dict[str, object]:
+        """The ``--set`` values a result computed with ``attack`` and ``defense`` (None, ``none`` or an
+        unregistered name such as a suspect's: none of that kind) was computed with, as its results row records
+        them: every section and top-level key, and an attack/defense key only where it takes effect."""
+        components = {"attack": attack, "defense": defense}
+        return {key: value for key, value in self.overrides.items()
+                if component_key(key) is None
+                or any(name and self.takes_effect(key, kind, name) for kind, name in components.items())}
+
+    def check_reach(self, used: dict[str, set[str]]) -> list[str]:
+        """A generic attack/defense key of ``--set`` (``defense.epochs``) must take effect for a component that
+        runs (``used``: kind -> names, e.g. ``plan.components_used``), otherwise a ConfigError naming the method
+        and its fields; returns one line per generic key that takes effect for some of them and not others. (A
+        specific key, ``defense.mimic.lr``, names a field its method has; where that method does not run it does
+        nothing, and no results row records it.)"""
+        notes = []
+        for key, value in self.overrides.items():
+            parsed = component_key(key)
+            if parsed is None or parsed[1] is not None:
+                continue
+            kind, _, fname = parsed
+            names = sorted(used.get(kind, ()))
+            took = [name for name in names if self.takes_effect(key, kind, name)]
+            if not took:
+                raise ConfigError(self._no_effect(key, kind, fname, names))
+            missed = [name for name in names if name not in took]
+            if missed:
+                notes.append(f"--set {key}={value!r} takes effect for {kind} {', '.join(took)}; not for "
+                             f"{', '.join(missed)} (no such setting, or a {kind}.NAME.{fname} key sets it)")
+        return notes
+
+    @staticmethod
+    def _no_effect(key: str, kind: str, fname: str, names: list[str]) -> str:
+        """Why the generic ``--set key`` takes effect for none of ``names`` (the components of ``kind`` that run)."""
+        if not names:
+            return f"--set {key}: nothing here runs a{'n' if kind == 'attack' else ''} {kind}, so it would do nothing"
+        fields = {name: list(COMPONENTS[kind].get(name).config_fields()) for name in names}
+        shadowed = [name for name in names if fname in fields[name]]
+        if shadowed:
+            return (f"--set {key}: every {kind} here that has {fname!r} gets it from a more specific key "
+                    f"({', '.join(f'{kind}.{name}.{fname}' for name in shadowed)})")
+        if len(names) == 1:
+            return f"--set {key}: " + unknown_field_message(f"{kind} {names[0]}", fname, fields[names[0]])
+        return (f"--set {key}: no {kind} run here has a setting {fname!r} ("
+                + "; ".join(f"{name}: {', '.join(fields[name]) or 'no settings'}" for name in names) + ")")
+
     def explain(self, kinds: dict[str, list[str]] | None = None) -> list[tuple[str, object, str]]:
         """(key, value, source) of every section setting and of the named components (``{"attack": [...]}``)."""
         rows = [(k, getattr(self, k), self.sources.get(k, DEFAULT_SOURCE)) for k in ("seed", "data_dir")]
@@ -292,6 +350,15 @@ def _unknown_key(key: str) -> str:
     close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown setting {key!r}{hint} (see `defbench list settings`)"
+
+
+def component_key(key: str) -> tuple[str, str | None, str] | None:
+    """(kind, NAME or None, FIELD) of an attack or defense key (``defense.epochs``: NAME None, whichever
+    defense runs; ``defense.mimic.lr``: NAME ``mimic``); None for a section or top-level key."""
+    kind, *rest = key.split(".")
+    if kind not in COMPONENTS or len(rest) not in (1, 2):
+        return None
+    return (kind, None, rest[0]) if len(rest) == 1 else (kind, rest[0], rest[1])
 
 
 def _check_component_key(key: str, value, source: str) -> None:
