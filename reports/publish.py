@@ -156,7 +156,8 @@ def implant_section(group: Group) -> str:
         lines.append(f"| {task} | {hit} of {len(undefended)} | "
                      f"{' / '.join(f'{v:.1f}' for v in undefended.asr_all)} | "
                      f"{' / '.join(f'{v:.1f}' for v in clean.asr_all) or '—'} |")
-    settings = {task: json_field(text) for task, text in group.rows.groupby("downstream").overrides.first().items()}
+    settings = {task: {k: v for text in texts for k, v in (json_field(text) or {}).items()}  # a row records the
+                for task, texts in group.rows.groupby("downstream").overrides}  # --set values that took effect on it
     extra = [f"{task}: {', '.join(f'{k}={v}' for k, v in sorted(s.items()) if k != 'seed')}"
              for task, s in settings.items() if s and any(k != "seed" for k in s)]
     if extra:
