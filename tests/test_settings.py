@@ -148,6 +148,14 @@ def test_a_stage_hashes_every_project_module_it_uses_transitively():
     assert not any(name.startswith("defbench.benchmark") for name in moth)  # the harness never re-keys
 
 
+def test_registration_plumbing_is_key_neutral():
+    """The registries and registration functions count with the hash they had when declared neutral, so a
+    registration option re-keys nothing; every other module counts with its source's hash."""
+    closure = keys.module_closure("defbench.defenses.ft", "defbench.attacks.badencoder")
+    assert {m: closure[m] for m in keys.NEUTRAL} == keys.NEUTRAL
+    assert closure["defbench.defenses.ft"] == keys._module_info("defbench.defenses.ft")[0]
+
+
 def test_docstrings_and_comments_do_not_change_a_code_version():
     code = 'def f(x):\n    return x + 1\n'
     documented = '"""A module."""\n# a comment\ndef f(x):\n    """Add one."""\n    return x + 1  # why\n'

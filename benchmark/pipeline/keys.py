@@ -8,6 +8,14 @@ syntax tree without docstrings, so comments, docstrings and formatting never
 re-key an artifact, while any change of code does. Harness modules
 (``defbench.benchmark.*``) are followed only when a stage names them as roots:
 how results are stored or scheduled never changes what a stage computes.
+
+Two things that are not code changes re-key nothing:
+
+- the registration plumbing (:data:`NEUTRAL`: the registries and the registration functions) contributes a fixed
+  hash instead of its source's, so a registration option or a clearer error message there re-keys nothing;
+- a method renamed with ``formerly=("old",)`` (``register_attack`` / ``register_defense``) is hashed as it was
+  registered under its first name, without that keyword, so its stages keep their keys and its rows
+  (:func:`_undo_renames`; its stages keep that first name too, ``Component.key_name``).
 """
 from __future__ import annotations
 
@@ -21,6 +29,13 @@ from functools import lru_cache
 from pathlib import Path
 
 HARNESS = "defbench.benchmark"
+# Registration plumbing: modules whose code never changes what a stage computes (registries, registration
+# functions, the contract's containers; whatever they do to a setting shows in the stage's spec). Each contributes
+# this fixed hash -- its source's hash when it was declared neutral, so that declaring it re-keyed nothing --
+# instead of its source's; its imports are still followed. Nothing that computes may be added to them.
+NEUTRAL = {"defbench.core.registry": "c06c2cffeda201bf", "defbench.attacks.base": "f2332269f702b9e8",
+           "defbench.defenses.base": "3738f5b25d129faa"}
+RENAMED = "formerly"  # the registration keyword of a renamed method: its earlier names, oldest first
 
 
 def canonical_json(obj) -> str:
@@ -48,9 +63,28 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _undo_renames(tree: ast.AST) -> ast.AST:
+    """A registration call with ``formerly=("first", ...)`` as if it still registered ``"first"`` without that
+    keyword: renaming a method is not a change of its code. (Modules without the keyword are untouched.)"""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        renamed = [k for k in node.keywords if k.arg == RENAMED]
+        if not renamed:
+            continue
+        value = renamed[0].value
+        names = value.elts if isinstance(value, (ast.Tuple, ast.List)) else [value]
+        if names and isinstance(names[0], ast.Constant) and isinstance(names[0].value, str):
+            node.args[0] = ast.Constant(names[0].value)
+            node.keywords = [k for k in node.keywords if k.arg != RENAMED]
+    return tree
+
+
 def normalised_source_hash(source: str) -> str:
-    """Hash of a module's syntax tree without docstrings: comments, docstrings and layout do not count."""
-    normalised = ast.dump(_strip_docstrings(ast.parse(source)), annotate_fields=False, include_attributes=False)
+    """Hash of a module's syntax tree without docstrings (comments, docstrings and layout do not count) and with
+    its methods' renames undone (:func:`_undo_renames`)."""
+    tree = _undo_renames(_strip_docstrings(ast.parse(source)))
+    normalised = ast.dump(tree, annotate_fields=False, include_attributes=False)
     return hashlib.sha256(normalised.encode()).hexdigest()[:16]
 
 
@@ -112,7 +146,7 @@ def module_closure(*roots: str) -> dict[str, str]:
         if name in seen or not _exists(name):
             continue
         source_hash, imports = _module_info(name)
-        seen[name] = source_hash
+        seen[name] = NEUTRAL.get(name, source_hash)
         todo.extend(i for i in imports if i not in seen and not (i.startswith(HARNESS) and i not in roots))
     return seen
 
