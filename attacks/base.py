@@ -21,8 +21,9 @@ ATTACKS = ComponentRegistry("attack", "defbench.attacks")
 
 
 def register_attack(name: str, *, config: type, summary: str, profiles: dict | None = None,
-                    needs_clean_encoder: bool = True):
-    return ATTACKS.component(name, config=config, summary=summary, profiles=profiles,
+                    needs_clean_encoder: bool = True, formerly: tuple[str, ...] | str = ()):
+    """Register an attack. ``formerly``: the names it had before a rename, oldest first (its results keep)."""
+    return ATTACKS.component(name, config=config, summary=summary, profiles=profiles, formerly=formerly,
                              needs_clean_encoder=needs_clean_encoder)
 
 

@@ -45,6 +45,7 @@ class Registry(Generic[T]):
         self.group = entry_point_group
         self.extra_names = extra_names  # shown in "known: ..." (e.g. the npz:PATH dataset spelling)
         self._items: dict[str, T] = {}
+        self._renamed: dict[str, str] = {}  # a former name -> the current one (``formerly=`` at registration)
         self._plugins_loaded = entry_point_group is None
 
     def add(self, name: str, item: T) -> T:
@@ -74,8 +75,25 @@ class Registry(Generic[T]):
         self.load_plugins()
         return sorted(self._items)
 
-    def get(self, name: str) -> T:
+    def rename(self, old: str, new: str, check_only: bool = False) -> None:
+        """``old`` is the former name of the item now registered as ``new``: looking ``old`` up finds it."""
+        if old in self._items:
+            raise RegistryError(f"{self.kind} {new!r} was formerly {old!r}, but {old!r} is still registered "
+                                f"({_origin(self._items[old])})")
+        if self._renamed.get(old, new) != new:
+            raise RegistryError(f"{self.kind} {new!r} was formerly {old!r}, but so was {self._renamed[old]!r}")
+        if not check_only:
+            self._renamed[old] = new
+
+    def renamed(self) -> dict[str, str]:
+        """Former name -> current name, for every renamed item (results stored under a former name are its)."""
         self.load_plugins()
+        return dict(self._renamed)
+
+    def get(self, name: str) -> T:
+        """The item registered as ``name``, or formerly registered as ``name`` (it was renamed since)."""
+        self.load_plugins()
+        name = self._renamed.get(name, name)
         if name not in self._items:
             raise RegistryError(unknown_name_message(self.kind, name, [*self._items, *self.extra_names]))
         return self._items[name]
@@ -84,7 +102,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self.load_plugins()
-        return name in self._items
+        return name in self._items or name in self._renamed
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -141,10 +159,16 @@ class Component:
     profiles: dict[str, dict] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific flags
     kind: str = "component"
+    formerly: tuple[str, ...] = ()  # earlier names, oldest first (a renamed method)
 
     @property
     def module(self) -> str:
         return self.fn.__module__
+
+    @property
+    def key_name(self) -> str:
+        """The name its stages are keyed by: the first it was registered under, so a rename keeps its results."""
+        return self.formerly[0] if self.formerly else self.name
 
     def config_fields(self) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(self.config)}
@@ -164,9 +188,12 @@ class ComponentRegistry(Registry[Component]):
     """Attacks or defenses, registered with ``@registry.component(name, config=..., summary=...)``."""
 
     def component(self, name: str, *, config: type, summary: str, profiles: dict | None = None,
-                  **options) -> Callable:
+                  formerly: tuple[str, ...] | str = (), **options) -> Callable:
+        """``formerly``: the names this method was registered under before (oldest first): they still find it,
+        and its stages keep the keys, and so the results, of its first name (``Component.key_name``)."""
         if not dataclasses.is_dataclass(config):
             raise TypeError(f"{self.kind} {name!r}: config must be a dataclass, got {config!r}")
+        formerly = (formerly,) if isinstance(formerly, str) else tuple(formerly)
 
         def decorate(obj):
             fn = obj() if inspect.isclass(obj) else obj
@@ -174,6 +201,14 @@ class ComponentRegistry(Registry[Component]):
             if previous is not None and previous.fn is not fn:
                 raise RegistryError(f"{self.kind} {name!r} is registered twice "
                                     f"({previous.module} and {fn.__module__})")
-            self._items[name] = Component(name, fn, config, summary, dict(profiles or {}), options, self.kind)
+            if name in self._renamed:
+                raise RegistryError(f"{self.kind} {name!r} is the former name of {self._renamed[name]!r}; "
+                                    "choose another name")
+            for old in formerly:  # every former name checked before any is taken
+                self.rename(old, name, check_only=True)
+            for old in formerly:
+                self.rename(old, name)
+            self._items[name] = Component(name, fn, config, summary, dict(profiles or {}), options, self.kind,
+                                          formerly)
             return obj
         return decorate

@@ -35,10 +35,12 @@ from ..core import ComponentRegistry, Registry
 DEFENSES = ComponentRegistry("defense", "defbench.defenses")
 
 
-def register_defense(name: str, *, config: type, summary: str, profiles: dict | None = None, **options):
+def register_defense(name: str, *, config: type, summary: str, profiles: dict | None = None,
+                     formerly: tuple[str, ...] | str = (), **options):
     """Register a defense. Options: ``budget=`` / ``cost=`` (the fields the frontier study and the GPU
-    check scale), ``needs_pretrain_data=True`` (called with ``pretrain=PretrainData``)."""
-    return DEFENSES.component(name, config=config, summary=summary, profiles=profiles, **options)
+    check scale), ``needs_pretrain_data=True`` (called with ``pretrain=PretrainData``); ``formerly``: the names it
+    had before a rename, oldest first (its results keep)."""
+    return DEFENSES.component(name, config=config, summary=summary, profiles=profiles, formerly=formerly, **options)
 
 
 @dataclass(frozen=True)

@@ -82,14 +82,16 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
         trigger = cfg.make_trigger(profile.encoder.image_size).describe()
     except (ValueError, TypeError) as err:  # a trigger that does not fit the image: a setting, said up front
         raise ConfigError(f"attack.{attack}: {err}") from None
-    spec = {"attack": attack, "config": dataclasses.asdict(cfg), "pretrain": pretrain, "downstream": downstream,
+    spec = {"attack": component.key_name, "config": dataclasses.asdict(cfg), "pretrain": pretrain,
+            "downstream": downstream,
             "target": target_class(pretrain, downstream, cfg.target),
             "trigger": trigger,
             "encoder": clean.spec["encoder"], "recipe": clean.spec["recipe"],
             "max_images": clean.spec["max_images"], "seed": profile.seed,
             "data": {pretrain: data_version(pretrain), downstream: data_version(downstream)}}
     deps = (clean,) if component.options.get("needs_clean_encoder", True) else ()
-    return Stage("attack", attack, spec, deps, _labels(profile, label=f"{attack} {pretrain}->{downstream}"))
+    return Stage("attack", component.key_name, spec, deps,
+                 _labels(profile, label=f"{component.name} {pretrain}->{downstream}"))
 
 
 def stamped_trigger(suspect: Stage) -> tuple[dict, tuple[Stage, ...]]:
@@ -128,17 +130,18 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
     """``defense`` on ``encoder`` with the clean set of ``clean_set_spec`` (an external encoder reads it at its own
     input size) and, for a defense that asks for it, the suspect's pre-training set (``pretrain_data_spec``);
     the spec holds the defense's settings and its data, never the trigger or the target."""
+    component = DEFENSES.get(defense)
     cfg = profile.defense_config(defense)
     clean = clean_set_spec(profile, pretrain, image_size, clean_size)
     if profile.clean.poison_ratio > 0:  # the defender's "clean" set secretly holds triggered images
         if encoder.kind != "attack":
             raise ConfigError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
         clean.update(poison_ratio=profile.clean.poison_ratio, trigger=stamped_trigger(encoder)[0])
-    spec = {"defense": defense, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
-    if needs_pretrain_data(DEFENSES.get(defense)):  # only then: every other defense keeps its key
+    spec = {"defense": component.key_name, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
+    if needs_pretrain_data(component):  # only then: every other defense keeps its key
         spec["pretrain_data"] = pretrain_data_spec(profile, pretrain, image_size)
     where = encoder.labels.get("label", encoder.name)
-    return Stage("defend", defense, spec, (encoder,), _labels(profile, label=f"{defense} on {where}"))
+    return Stage("defend", component.key_name, spec, (encoder,), _labels(profile, label=f"{component.name} on {where}"))
 
 
 def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict | None, target: int | None,
@@ -160,9 +163,16 @@ def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: d
     return Stage("evaluate", downstream, spec, deps, _labels(profile, label=label, **labels))
 
 
+def current_names(attack: str, defense: str) -> tuple[str, str]:
+    """The names ``attack`` and ``defense`` are registered under now (a former name, ``formerly=``, finds its
+    method): results rows carry the current name, stage keys the first (``Component.key_name``)."""
+    return ATTACKS.get(attack).name, DEFENSES.get(defense).name
+
+
 def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: str,
                          downstream: str, protocol: str = DEFAULT_PROTOCOL) -> dict[str, Stage]:
     """A defense applied to the CLEAN encoder (Table III): evaluations before and after."""
+    attack, defense = current_names(attack, defense)
     trigger_source = attack_stage(profile, attack, pretrain, downstream)  # planned for its trigger (run if learned)
     (trigger, needs), target = stamped_trigger(trigger_source), trigger_source.spec["target"]
     clean = pretrain_stage(profile, pretrain)
@@ -177,6 +187,7 @@ def clean_encoder_stages(profile: Profile, attack: str, defense: str, pretrain: 
 def cell_stages(profile: Profile, attack: str, defense: str, pretrain: str, downstream: str,
                 protocol: str = DEFAULT_PROTOCOL) -> dict[str, Stage]:
     """The evaluate stages of one cell, by role: clean, undefended, defended (absent for 'none')."""
+    attack, defense = current_names(attack, defense)
     suspect = attack_stage(profile, attack, pretrain, downstream)
     (trigger, needs), target = stamped_trigger(suspect), suspect.spec["target"]
     common = {"attack": attack, "pretrain": pretrain, "needs": needs, "protocol": protocol}

@@ -5,7 +5,8 @@ config, code version, seed, device and wall time; rows of a study also carry
 its ``study``, ``arm``, ``sweep`` and swept value ``x``; every row its downstream ``protocol``, NULL in rows
 written before protocols existed, which are ``mlp``); ``measurements`` holds
 the studies' measurements (MI per layer...); ``stages`` keeps one row per
-computed stage (what it was, how long it took, what it recorded).
+computed stage (what it was, how long it took, what it recorded). Rows are read with a renamed method's
+former name replaced by its current one (``register_defense(..., formerly=...)``): its stored rows are its own.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from ...attacks import ATTACKS
+from ...defenses import DEFENSES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -140,10 +144,10 @@ class ResultsDB:
         self._upsert("stages", STAGE_COLUMNS, row)
 
     def evaluations(self, **where) -> pd.DataFrame:
-        return self._query("evaluations", where)
+        return current_names(self._query("evaluations", where))
 
     def measurements(self, **where) -> pd.DataFrame:
-        return self._query("measurements", where)
+        return current_names(self._query("measurements", where))
 
     def stages(self, **where) -> pd.DataFrame:
         return self._query("stages", where)
@@ -160,3 +164,12 @@ class ResultsDB:
             return pd.read_sql_query(sql, con, params=list(where.values()))
         finally:
             con.close()
+
+
+def current_names(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with every renamed attack's and defense's former name replaced by its current one."""
+    for column, registry in (("attack", ATTACKS), ("defense", DEFENSES)):
+        renamed = registry.renamed()
+        if renamed and column in rows:
+            rows[column] = rows[column].replace(renamed)
+    return rows

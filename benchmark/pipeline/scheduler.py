@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ...attacks import ATTACKS
+from ...defenses import DEFENSES
 from ...encoders.runtime import log, progress_enabled
 from .device import WorkerDevice, assign_gpus, pin_worker
 from .external import Suspect, suspect_stages
@@ -133,9 +135,11 @@ class GridSpec:
 
 
 def grid_spec(profile: Profile, attacks=(), defenses=(), pretrain=(), downstream=(), suspects=()) -> GridSpec:
-    """``attacks=["none"]``: no built-in attack (only the suspects)."""
+    """``attacks=["none"]``: no built-in attack (only the suspects). A renamed method's former name stands for it."""
     attacks = [] if list(attacks) == ["none"] else list(attacks) or list(profile.grid.attacks)
-    return GridSpec(attacks, list(defenses) or list(profile.grid.defenses),
+    defenses = list(defenses) or list(profile.grid.defenses)
+    return GridSpec([ATTACKS.get(a).name if a in ATTACKS else a for a in attacks],
+                    [DEFENSES.get(d).name if d in DEFENSES else d for d in defenses],
                     list(pretrain) or list(profile.grid.pretrain), list(downstream), list(suspects))
 
 

@@ -165,6 +165,7 @@ class Profile:
     def component_config(self, kind: str, name: str) -> tuple[object, dict[str, str]]:
         """(config, field -> source) of attack or defense ``name`` under this profile."""
         component = COMPONENTS[kind].get(name)
+        name = component.name  # a former name (formerly=) reads the settings of the current one
         unknown = sorted(set(component.profiles) - set(builtin_profiles()))
         if unknown:
             raise ConfigError(f"{kind} {name} has profiles= entries for unknown profiles {unknown} "
@@ -352,6 +353,16 @@ def _unknown_key(key: str) -> str:
     return f"unknown setting {key!r}{hint} (see `defbench list settings`)"
 
 
+def current_key(key: str) -> str:
+    """``key`` with a renamed method's former name replaced by its current one (``defense.OLD.F`` ->
+    ``defense.NEW.F``); every other key as it is."""
+    parsed = component_key(key)
+    if parsed is None or parsed[1] is None:
+        return key
+    kind, owner, fname = parsed
+    return f"{kind}.{COMPONENTS[kind].renamed().get(owner, owner)}.{fname}"
+
+
 def component_key(key: str) -> tuple[str, str | None, str] | None:
     """(kind, NAME or None, FIELD) of an attack or defense key (``defense.epochs``: NAME None, whichever
     defense runs; ``defense.mimic.lr``: NAME ``mimic``); None for a section or top-level key."""
@@ -429,8 +440,10 @@ def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, object]:
 def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = None) -> Profile:
     """A built-in profile or a .toml file (with its bases), plus ``--set`` values; every value checked."""
     chain = _profile_chain(name_or_path)
-    layers = [Layer(source, _flatten(raw, source)) for _, source, raw in reversed(chain)]
-    layers.append(Layer(SET_SOURCE, dict(sets or {})))
+    sets = {current_key(key): value for key, value in (sets or {}).items()}
+    layers = [Layer(source, {current_key(k): v for k, v in _flatten(raw, source).items()})
+              for _, source, raw in reversed(chain)]
+    layers.append(Layer(SET_SOURCE, sets))
     for layer in layers:
         for key in layer.values:
             _check_key(key, layer.values[key], layer.source)
@@ -462,5 +475,5 @@ def load_profile(name_or_path: str = "tiny", sets: dict[str, object] | None = No
     for name, limit in MAX_ENCODER.items():  # ResNet-18 at width 64 is the paper's; 1024 is 256 times its size
         if getattr(profile.encoder, name) > limit:
             raise ConfigError(f"encoder.{name} must be at most {limit:,}, got {getattr(profile.encoder, name)}")
-    profile.overrides = dict(sorted((sets or {}).items()))
+    profile.overrides = dict(sorted(sets.items()))
     return profile
