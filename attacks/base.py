@@ -16,15 +16,24 @@ import torch
 
 from ..encoders import Encoder, EncoderConfig, SimCLRConfig
 from ..core import ComponentRegistry
+from ..core.registry import Options
 
-ATTACKS = ComponentRegistry("attack", "defbench.attacks")
+
+@dataclass(frozen=True)
+class AttackOptions(Options):
+    """How an attack is planned (``register_attack``'s keyword arguments)."""
+    needs_clean_encoder: bool = True  # False: a data-poisoning attack, trained from scratch on its poisoned set
+
+
+ATTACKS = ComponentRegistry("attack", "defbench.attacks", AttackOptions)
 
 
 def register_attack(name: str, *, config: type, summary: str, profiles: dict | None = None,
                     needs_clean_encoder: bool = True, formerly: tuple[str, ...] | str = ()):
-    """Register an attack. ``formerly``: the names it had before a rename, oldest first (its results keep)."""
+    """Register an attack. ``needs_clean_encoder=False``: it poisons the pre-training set and pre-trains from
+    scratch; ``formerly``: the names it had before a rename, oldest first (its results keep)."""
     return ATTACKS.component(name, config=config, summary=summary, profiles=profiles, formerly=formerly,
-                             needs_clean_encoder=needs_clean_encoder)
+                             options=AttackOptions(needs_clean_encoder=needs_clean_encoder))
 
 
 @dataclass

@@ -7,7 +7,9 @@ plus a config dataclass (defaults = the published "paper" settings) and its
 per-profile values (``profiles={"tiny": {...}, "ci": {...}}``). Third-party
 packages add items through an entry-point group (``defbench.attacks``,
 ``defbench.defenses``): the entry point names a module, importing it runs its
-``register`` calls.
+``register`` calls. Registration options are explicit keyword arguments of ``register_attack`` /
+``register_defense`` kept in a frozen :class:`Options` dataclass per kind, so a misspelt option fails when the
+method registers and a misspelt read fails when it is read.
 """
 from __future__ import annotations
 
@@ -149,6 +151,25 @@ def _origin(item) -> str:
     return getattr(item, "module", None) or getattr(item, "__module__", None) or type(item).__name__
 
 
+@dataclass(frozen=True)
+class Options:
+    """A component's registration options; each kind subclasses it (``AttackOptions``, ``DefenseOptions``).
+    Read them as attributes; ``options["name"]`` and ``options.get("name", default)`` also work, and there too a
+    name that is not an option is an error, never the default."""
+
+    def __getitem__(self, name: str):
+        names = [f.name for f in dataclasses.fields(self)]
+        if name not in names:
+            raise KeyError(f"{type(self).__name__} has no option {name!r} (options: {', '.join(names)})")
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):  # an option always has a value (its default): ``default`` is unused
+        return self[name]
+
+    def check(self, where: str, config: type) -> None:
+        """Checks that need the config (e.g. that named fields exist); a RegistryError at registration."""
+
+
 @dataclass
 class Component:
     """An attack or defense: ``fn`` plus its config dataclass, summary and per-profile values."""
@@ -157,7 +178,7 @@ class Component:
     config: type
     summary: str
     profiles: dict[str, dict] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # kind-specific flags
+    options: Options = field(default_factory=Options)  # the kind's registration options
     kind: str = "component"
     formerly: tuple[str, ...] = ()  # earlier names, oldest first (a renamed method)
 
@@ -185,14 +206,24 @@ class Component:
 
 
 class ComponentRegistry(Registry[Component]):
-    """Attacks or defenses, registered with ``@registry.component(name, config=..., summary=...)``."""
+    """Attacks or defenses, registered with ``@registry.component(name, config=..., summary=...)``; ``options``:
+    the kind's :class:`Options` subclass."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, options: type[Options] = Options):
+        super().__init__(kind, entry_point_group)
+        self.options_type = options
 
     def component(self, name: str, *, config: type, summary: str, profiles: dict | None = None,
-                  formerly: tuple[str, ...] | str = (), **options) -> Callable:
+                  formerly: tuple[str, ...] | str = (), options: Options | None = None) -> Callable:
         """``formerly``: the names this method was registered under before (oldest first): they still find it,
-        and its stages keep the keys, and so the results, of its first name (``Component.key_name``)."""
+        and its stages keep the keys, and so the results, of its first name (``Component.key_name``).
+        ``options``: an instance of this registry's options type (default: its defaults)."""
         if not dataclasses.is_dataclass(config):
             raise TypeError(f"{self.kind} {name!r}: config must be a dataclass, got {config!r}")
+        options = self.options_type() if options is None else options
+        if not isinstance(options, self.options_type):
+            raise TypeError(f"{self.kind} {name!r}: options must be {self.options_type.__name__}, got {options!r}")
+        options.check(f"{self.kind} {name!r}", config)
         formerly = (formerly,) if isinstance(formerly, str) else tuple(formerly)
 
         def decorate(obj):

@@ -25,22 +25,52 @@ internals.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..core import ComponentRegistry, Registry
+from ..core import ComponentRegistry, Registry, RegistryError
+from ..core.registry import Options
 
-DEFENSES = ComponentRegistry("defense", "defbench.defenses")
+
+@dataclass(frozen=True)
+class DefenseOptions(Options):
+    """How a defense is planned and studied (``register_defense``'s keyword arguments)."""
+    budget: tuple[str, ...] = ()  # config fields that set how much it computes (the frontier study scales them)
+    cost: tuple[str, ...] = ()  # fields that also cost time but are not the budget axis (make gpu-check)
+    needs_pretrain_data: bool = False  # called with pretrain=PretrainData (the suspect's pre-training set)
+    screens: bool = False  # returns an encoder with an input screen (evaluated as pipeline/screening.py says)
+
+    def __post_init__(self):
+        for option in ("budget", "cost"):
+            value = getattr(self, option)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise RegistryError(f"{option}= must be a tuple of config field names, e.g. ('epochs',), got "
+                                    f"{value!r}")
+            object.__setattr__(self, option, tuple(value))
+
+    def check(self, where: str, config: type) -> None:
+        fields = {f.name for f in dataclasses.fields(config)}
+        for option in ("budget", "cost"):
+            unknown = [v for v in getattr(self, option) if v not in fields]
+            if unknown:
+                raise RegistryError(f"{where}: {option}= names {unknown}, not fields of {config.__name__} "
+                                    f"({', '.join(sorted(fields))})")
+
+
+DEFENSES = ComponentRegistry("defense", "defbench.defenses", DefenseOptions)
 
 
 def register_defense(name: str, *, config: type, summary: str, profiles: dict | None = None,
-                     formerly: tuple[str, ...] | str = (), **options):
-    """Register a defense. Options: ``budget=`` / ``cost=`` (the fields the frontier study and the GPU
-    check scale), ``needs_pretrain_data=True`` (called with ``pretrain=PretrainData``); ``formerly``: the names it
-    had before a rename, oldest first (its results keep)."""
-    return DEFENSES.component(name, config=config, summary=summary, profiles=profiles, formerly=formerly, **options)
+                     budget: tuple[str, ...] = (), cost: tuple[str, ...] = (), needs_pretrain_data: bool = False,
+                     screens: bool = False, formerly: tuple[str, ...] | str = ()):
+    """Register a defense (:class:`DefenseOptions` says what each option means); ``formerly``: the names it had
+    before a rename, oldest first (its results keep)."""
+    options = DefenseOptions(budget, cost, needs_pretrain_data, screens)
+    return DEFENSES.component(name, config=config, summary=summary, profiles=profiles, formerly=formerly,
+                              options=options)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def test_paper_defaults_and_scaled_profiles_shrink_only_budgets():
     paper = comp.make_config("paper")
     assert (paper.poison_ratio, paper.eps, paper.gen_width, paper.gen_blocks) == (0.01, 8.0, 64, 6)
     assert (paper.epochs, paper.batch_size, paper.inner_steps, paper.reinit_every) == (400, 256, 1, 100)
-    assert comp.options["needs_clean_encoder"] is False and {"paper", "tiny", "ci"} <= set(comp.profiles)
+    assert comp.options.needs_clean_encoder is False and {"paper", "tiny", "ci"} <= set(comp.profiles)
     budget = {"gen_width", "gen_blocks", "epochs", "batch_size", "reinit_every"}
     for profile in ("tiny", "ci"):
         cfg = comp.make_config(profile)

@@ -42,7 +42,7 @@ def test_paper_defaults_are_the_reference_settings():
     assert (cfg.poison_ratio, cfg.num_references, cfg.object_fraction) == (0.005, 3, 0.5)
     assert (cfg.object_marginal, cfg.trigger_marginal) == (0.05, 0.25)
     comp = ATTACKS.get("corruptencoder")
-    assert comp.options["needs_clean_encoder"] is False and {"paper", "tiny", "ci"} <= set(comp.profiles)
+    assert comp.options.needs_clean_encoder is False and {"paper", "tiny", "ci"} <= set(comp.profiles)
     for profile in ("tiny", "ci"):  # nothing of the attack shrinks: its count follows the pre-training set
         assert comp.make_config(profile) == cfg
 

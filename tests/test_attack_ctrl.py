@@ -118,7 +118,7 @@ def test_poisons_replace_one_percent_with_stamped_target_images(monkeypatch, ctx
     stamped = trigger.apply(targets)
     assert all(any(torch.equal(p, q) for q in stamped) for p in data[slots])  # every poison is a stamped target
     assert ctx.records["trigger_pixel_change"]["max"] <= 25
-    assert comp.options["needs_clean_encoder"] is False
+    assert comp.options.needs_clean_encoder is False
     assert {"paper", "tiny", "ci"} <= set(comp.profiles)
 
 

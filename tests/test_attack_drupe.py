@@ -51,7 +51,7 @@ def test_mean_pairwise_cosine_leaves_out_the_diagonal():
 
 def test_config_is_the_authors_main_py_and_checks_the_assignment():
     comp = ATTACKS.get("drupe")
-    assert {"paper", "tiny", "ci"} <= set(comp.profiles) and comp.options["needs_clean_encoder"] is True
+    assert {"paper", "tiny", "ci"} <= set(comp.profiles) and comp.options.needs_clean_encoder is True
     paper = comp.make_config("paper")
     assert (paper.epochs, paper.lr, paper.batch_size, paper.n_reference, paper.n_projections) == (200, 1e-3, 256, 3, 50)
     assert (paper.shadow_images, paper.reference_assignment, paper.warmup_epochs, paper.main_phase_from) == \

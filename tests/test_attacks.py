@@ -65,7 +65,7 @@ def test_bassl_adds_stamped_target_images_and_pretrains_from_scratch(monkeypatch
     pool = targets * (1 - trigger.mask().to(torch.uint8))
     assert all(any(torch.equal(p, q) for q in pool) for p in unstamped)  # every poison is a target image
     assert ctx.records["n_poison"] == 12
-    assert comp.options["needs_clean_encoder"] is False
+    assert comp.options.needs_clean_encoder is False
 
 
 def test_badencoder_paper_shadow_set_is_50k_and_the_loop_draws_that_many(ctx):

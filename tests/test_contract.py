@@ -110,7 +110,7 @@ def test_an_attack_returns_the_same_architecture_deterministically(name):
     inputs = AttackInputs(encoder_config=clean_encoder.config, pretrain_images=_images(32, 2),
                           target_images=_images(8, 3), trigger=PatchTrigger(size=4, image_size=32),
                           pretrain_recipe=SimCLRConfig(epochs=1, batch_size=16),
-                          clean_encoder=clean_encoder if component.options.get("needs_clean_encoder", True) else None)
+                          clean_encoder=clean_encoder if component.options.needs_clean_encoder else None)
     runs = []
     for _ in range(2):
         ctx = RunContext(device=torch.device("cpu"), show_progress=False).reseed(7)

@@ -48,7 +48,7 @@ def test_paper_is_the_reference_and_tiny_ci_only_shrink_the_budget():
     assert (paper.patch_size, paper.emb_dim, paper.encoder_layers, paper.decoder_layers) == (4, 192, 12, 4)
     assert (paper.encoder_heads, paper.decoder_heads, paper.mask_ratio, paper.test_mask_ratio) == (3, 3, 0.9, 0.99)
     assert (paper.lr, paper.weight_decay, paper.batch_size) == (1e-3, 1e-6, 256)
-    assert component.options["budget"] == ("steps",) and component.options["screens"] is True
+    assert component.options.budget == ("steps",) and component.options.screens is True
     for profile in ("tiny", "ci"):
         cfg = component.make_config(profile)
         changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(paper, f.name)}

@@ -20,11 +20,11 @@ def test_paper_matches_the_reference_update_count_and_tiny_ci_only_shrink_budget
     assert paper.steps == 2 * math.ceil(50_000 / 128) == 782
     assert (paper.lr, paper.momentum, paper.nesterov, paper.batch_size) == (1e-4, 0.9, True, 128)
     assert (paper.warmup_inv_steps, paper.inv_steps, paper.reuse_inv_steps) == (500, 200, 50)
-    assert component.options["budget"] == ("steps", "warmup_inv_steps", "inv_steps", "reuse_inv_steps")
+    assert component.options.budget == ("steps", "warmup_inv_steps", "inv_steps", "reuse_inv_steps")
     for profile, factor in (("tiny", 10), ("ci", 25)):
         cfg = component.make_config(profile)
         for name, value in vars(paper).items():
-            expected = value // factor if name in component.options["budget"] else value
+            expected = value // factor if name in component.options.budget else value
             assert getattr(cfg, name) == expected, (profile, name)
 
 

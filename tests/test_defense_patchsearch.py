@@ -101,7 +101,7 @@ def test_test_set_takes_the_images_closest_to_each_centroid():
 
 def test_budgets_shrink_with_the_pretraining_set():
     component = DEFENSES.get("patchsearch")
-    assert needs_pretrain_data(component) and component.options["budget"] == ("max_iterations",)
+    assert needs_pretrain_data(component) and component.options.budget == ("max_iterations",)
     paper = component.make_config("paper")
     assert (paper.clusters, paper.test_images, paper.max_iterations) == (1000, 1000, 2000)
     for profile, images in (("tiny", 10_000), ("ci", 2_000)):

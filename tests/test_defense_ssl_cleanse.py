@@ -60,7 +60,7 @@ def _toy_images(per: int = 12, size: int = 16, seed: int = 0):
 def test_registered_with_a_budget_and_a_detector():
     comp = get_defense("ssl-cleanse")
     assert "ssl-cleanse" in DEFENSES.names() and comp.config is sslc.SSLCleanseConfig
-    assert comp.options["budget"] == ("inv_epochs", "unlearn_steps")
+    assert comp.options.budget == ("inv_epochs", "unlearn_steps")
     det = DETECTORS.get("ssl-cleanse")
     assert det.defense == "ssl-cleanse" and det.threshold_field == "anomaly_threshold" and not det.backdoored_if_below
 

@@ -34,6 +34,7 @@ from defbench.benchmark.pipeline.stages import Env
 from defbench.benchmark.pipeline.store import ArtifactStore
 from defbench.core.registry import Component
 from defbench.defenses import DEFENSES, REMOVED_RECORD, PretrainData
+from defbench.defenses.base import DefenseOptions
 from defbench.encoders import RunContext, SimCLRConfig, build_encoder
 from defbench.reports import tables
 
@@ -53,8 +54,7 @@ def _toy(name: str, flagged: bool, seen: dict) -> Component:
         if "pretrain" in extra:
             ctx.record(REMOVED_RECORD, [0, 1, 2, 3, 4])
         return encoder
-    options = {"needs_pretrain_data": True} if flagged else {}
-    return Component(name, fn, ToyConfig, "a toy", {}, options, "defense")
+    return Component(name, fn, ToyConfig, "a toy", {}, DefenseOptions(needs_pretrain_data=flagged), "defense")
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_a_flagged_defense_gets_the_clean_pretraining_set_behind_badencoder(env,
 
 
 DATA_POISONING = [c.name for c in ATTACKS.items()
-                  if c.module.startswith("defbench.attacks.") and not c.options.get("needs_clean_encoder", True)]
+                  if c.module.startswith("defbench.attacks.") and not c.options.needs_clean_encoder]
 
 
 def test_every_builtin_data_poisoning_attack_says_how_its_set_is_rebuilt():

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from defbench.attacks import ATTACKS
+from defbench.attacks import ATTACKS, register_attack
 from defbench.defenses import DEFENSES, register_defense
 from defbench.core import ComponentRegistry, ConfigError, Registry, RegistryError
 
@@ -61,3 +61,28 @@ def test_every_registry_is_one_type_with_did_you_mean():
 def test_config_must_be_a_dataclass():
     with pytest.raises(TypeError):
         register_defense("broken", config=dict, summary="x")
+
+
+def test_a_misspelt_registration_option_fails_when_the_method_registers():
+    @dataclass
+    class Cfg:
+        epochs: int = 1
+
+    with pytest.raises(TypeError, match="budjet"):
+        register_defense("typo-option", config=Cfg, summary="x", budjet=("epochs",))
+    with pytest.raises(TypeError, match="need_clean_encoder"):
+        register_attack("typo-option", config=Cfg, summary="x", need_clean_encoder=False)
+    with pytest.raises(RegistryError, match=r"budget= names \['epoch'\], not fields of Cfg \(epochs\)"):
+        register_defense("typo-field", config=Cfg, summary="x", budget=("epoch",))
+    with pytest.raises(RegistryError, match="must be a tuple of config field names"):
+        register_defense("typo-string", config=Cfg, summary="x", cost="epochs")
+    assert not {"typo-option", "typo-field", "typo-string"} & (set(DEFENSES.names()) | set(ATTACKS.names()))
+
+
+def test_options_are_typed_and_a_misspelt_read_fails():
+    ft, ctrl = DEFENSES.get("ft").options, ATTACKS.get("ctrl").options
+    assert ft.budget == ("epochs",) and ft.screens is False and ctrl.needs_clean_encoder is False
+    assert ft["budget"] == ft.get("budget", ()) == ("epochs",)  # the string form reads the same value
+    for read in (lambda: ft["screen"], lambda: ft.get("screen", False), lambda: ctrl.get("needs_clean_encodr", True)):
+        with pytest.raises(KeyError, match="has no option"):
+            read()

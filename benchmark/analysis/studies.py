@@ -68,7 +68,7 @@ BUDGET_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the frontier: each defense's own b
 
 def budget_fields(defense: str) -> tuple[str, ...]:
     """The config fields that set how much a defense computes (declared at registration: ``budget=(...)``)."""
-    fields = tuple(DEFENSES.get(defense).options.get("budget", ()))
+    fields = DEFENSES.get(defense).options.budget
     if not fields:
         raise ConfigError(f"defense {defense} declares no budget (register_defense(..., budget=('epochs',))), "
                           "so the frontier cannot scale it")

@@ -89,7 +89,7 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
             "encoder": clean.spec["encoder"], "recipe": clean.spec["recipe"],
             "max_images": clean.spec["max_images"], "seed": profile.seed,
             "data": {pretrain: data_version(pretrain), downstream: data_version(downstream)}}
-    deps = (clean,) if component.options.get("needs_clean_encoder", True) else ()
+    deps = (clean,) if component.options.needs_clean_encoder else ()
     return Stage("attack", component.key_name, spec, deps,
                  _labels(profile, label=f"{component.name} {pretrain}->{downstream}"))
 

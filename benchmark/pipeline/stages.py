@@ -143,7 +143,7 @@ def _tower_roots(stage: Stage) -> tuple[str, ...]:
 
 def _screens(stage: Stage) -> bool:
     """Whether ``stage`` makes an encoder that screens its inputs (a defense registered with ``screens=True``)."""
-    return stage.kind == "defend" and bool(DEFENSES.get(stage.name).options.get("screens"))
+    return stage.kind == "defend" and DEFENSES.get(stage.name).options.screens
 
 
 @dataclass

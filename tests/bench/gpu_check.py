@@ -385,7 +385,7 @@ def grid_estimate(device: torch.device, profile_name: str, sets: dict, clock: Cl
     for defense in sorted(prof.grid.defenses, key=lambda d: (d not in PAPER_COST, d == "moth")):
         component = DEFENSES.get(defense)
         cfg = prof.defense_config(defense)
-        fields = tuple(budget_fields(defense)) + tuple(component.options.get("cost", ()))
+        fields = tuple(budget_fields(defense)) + component.options.cost
         values = [getattr(cfg, f) for f in fields if getattr(cfg, f, 0)]
         s1 = max(1.0 / min(values), min(1.0, 5.0 / max(values)))  # every field >= 1, the largest >= 5
         # two points where 3 x s1 stays below the full budget; else one point, the cost taken proportional to s
