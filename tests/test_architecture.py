@@ -24,12 +24,13 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _top_level_imports(name: str, path: Path) -> set[str]:
-    """Project modules imported at module level (imports inside functions run late and cannot cycle)."""
+def _imports(name: str, path: Path, anywhere: bool = False) -> set[str]:
+    """Project modules imported at module level (imports inside functions run late and cannot cycle), or with
+    ``anywhere`` also inside functions (a late import is still an arrow between packages)."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in tree.body:
+    for node in (ast.walk(tree) if anywhere else tree.body):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -43,7 +44,7 @@ def _top_level_imports(name: str, path: Path) -> set[str]:
     return {m for m in found if m in MODULES}
 
 
-GRAPH = {name: _top_level_imports(name, path) for name, path in MODULES.items()}
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def test_no_import_cycles():
@@ -94,29 +95,10 @@ def _package_of(module: str) -> str:
     return module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
 
 
-def _all_imports(name: str, path: Path) -> set[str]:
-    """Every project module ``name`` imports, also inside functions (a late import is still an arrow)."""
-    tree = ast.parse(path.read_text())
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                parent = ".".join(parts[:len(parts) - node.level + 1])
-                base = f"{parent}.{base}" if base else parent
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
-    return {m for m in found if m in MODULES}
-
-
 PACKAGE_GRAPH: dict[str, set[str]] = {}
 for _name, _path in MODULES.items():
     PACKAGE_GRAPH.setdefault(_package_of(_name), set()).update(
-        _package_of(dep) for dep in _all_imports(_name, _path) if _package_of(dep) != _package_of(_name))
+        _package_of(dep) for dep in _imports(_name, _path, anywhere=True) if _package_of(dep) != _package_of(_name))
 
 
 def test_every_package_has_a_layer():
@@ -126,9 +108,9 @@ def test_every_package_has_a_layer():
 @pytest.mark.parametrize("package", sorted(LAYERS))
 def test_arrows_point_one_way(package):
     bad = sorted(PACKAGE_GRAPH.get(package, set()) - set(LAYERS[package]))
-    culprits = [f"{m} imports {sorted(d for d in _all_imports(m, MODULES[m]) if _package_of(d) in bad)}"
+    culprits = [f"{m} imports {sorted(d for d in _imports(m, MODULES[m], anywhere=True) if _package_of(d) in bad)}"
                 for m in sorted(MODULES) if _package_of(m) == package and any(
-                    _package_of(d) in bad for d in _all_imports(m, MODULES[m]))]
+                    _package_of(d) in bad for d in _imports(m, MODULES[m], anywhere=True))]
     assert not bad, f"{package} may not import {bad}: " + "; ".join(culprits)
 
 
