@@ -23,7 +23,7 @@ from conftest import MICRO, PRETRAIN, TASK
 from defbench.attacks.triggers import MaskTrigger, PatchTrigger, TriggerError, load_trigger
 from defbench.benchmark.cli import main
 from defbench.benchmark.pipeline.external import parse_suspect, profile_suspects
-from defbench.benchmark.pipeline.scheduler import expand_grid, grid_spec
+from defbench.benchmark.pipeline.plan import expand_grid, grid_spec
 from defbench.benchmark.pipeline.settings import load_profile, parse_sets
 from defbench.encoders import build_encoder, save_encoder
 from defbench.encoders.checkpoints import load_checkpoint, read_checkpoint, save_like, save_safetensors

@@ -14,7 +14,7 @@ import torch
 
 from conftest import MICRO, PRETRAIN, TASK
 from defbench.benchmark.pipeline import device as device_mod
-from defbench.benchmark.pipeline import scheduler
+from defbench.benchmark.pipeline import plan, scheduler
 from defbench.benchmark.pipeline.device import WorkerDevice, assign_gpus, configure_backends, resident
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -262,8 +262,8 @@ def test_cuda_micro_grid_every_defense(tmp_path, ci_env):
     prof = load_profile("ci", parse_sets([*MICRO, "encoder.precision='bf16'", "encoder.channels_last=true"]))
     env = Env(ArtifactStore(tmp_path / "artifacts"), ResultsDB(tmp_path / "results.sqlite"), ci_env.data_dir,
               torch.device("cuda"))
-    spec = scheduler.grid_spec(prof, attacks=["badencoder"], pretrain=[PRETRAIN], downstream=[TASK])
-    cells = scheduler.expand_grid(prof, spec)
+    spec = plan.grid_spec(prof, attacks=["badencoder"], pretrain=[PRETRAIN], downstream=[TASK])
+    cells = plan.expand_grid(prof, spec)
     outcomes = scheduler.run_grid(list(cells.values()), env, show_progress=False)
     assert all(o.status == "ran" for o in outcomes), [(o.stage.label, o.error) for o in outcomes if o.error]
 
@@ -281,9 +281,9 @@ def test_cuda_workers_pinned_one_per_gpu(tmp_path, ci_env):
     prof = load_profile("ci", parse_sets(MICRO))
     env = Env(ArtifactStore(tmp_path / "artifacts"), ResultsDB(tmp_path / "results.sqlite"), ci_env.data_dir,
               torch.device("cuda"))
-    spec = scheduler.grid_spec(prof, attacks=["badencoder"], defenses=["ft"], pretrain=[PRETRAIN],
+    spec = plan.grid_spec(prof, attacks=["badencoder"], defenses=["ft"], pretrain=[PRETRAIN],
                                downstream=[TASK, "synth-svhn"])
-    cells = scheduler.expand_grid(prof, spec)
+    cells = plan.expand_grid(prof, spec)
     outcomes = scheduler.run_grid(list(cells.values()), env, workers=max(2, torch.cuda.device_count()),
                                   show_progress=False)
     assert all(o.status == "ran" for o in outcomes), [(o.stage.label, o.error) for o in outcomes if o.error]

@@ -139,7 +139,8 @@ def test_table_leaves_out_results_of_an_older_code_version(reference, tmp_path):
 def test_one_worker_finishes_cells_in_turn_and_skips_only_what_a_failure_feeds(caplog):
     """The scheduler alone (no stage runs): a cell's evaluation comes right after its encoder, not after
     every defense of the grid, so a stopped grid leaves whole cells; a failed stage skips its users only."""
-    from defbench.benchmark.pipeline.scheduler import GridSpec, _Scheduler, expand_grid
+    from defbench.benchmark.pipeline.plan import GridSpec, expand_grid
+    from defbench.benchmark.pipeline.scheduler import _Scheduler
     from defbench.benchmark.pipeline.settings import load_profile
     from defbench.benchmark.pipeline.scheduler import Outcome
     prof = load_profile("ci")

@@ -6,7 +6,7 @@ import pytest
 
 from defbench.benchmark.analysis.studies import plan_study
 from defbench.benchmark.pipeline.results import ResultsDB
-from defbench.benchmark.pipeline.scheduler import expand_grid, grid_spec
+from defbench.benchmark.pipeline.plan import expand_grid, grid_spec
 from defbench.benchmark.pipeline.settings import load_profile
 from defbench.reports import ablations, tables
 

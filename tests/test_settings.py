@@ -200,7 +200,7 @@ def test_a_generic_key_the_chosen_defense_lacks_is_an_error_naming_it_and_its_fi
 
 def test_a_generic_key_in_a_grid_says_where_it_took_effect_and_only_those_rows_record_it():
     from defbench.benchmark.pipeline.plan import components_used
-    from defbench.benchmark.pipeline.scheduler import expand_grid, grid_spec
+    from defbench.benchmark.pipeline.plan import expand_grid, grid_spec
 
     def cells(profile):
         spec = grid_spec(profile, ["badencoder"], ["ft", "dede"], ["synth-cifar10"], ["synth-stl10"])

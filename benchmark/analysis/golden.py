@@ -40,7 +40,8 @@ import pandas as pd
 import torch
 
 from ...core import UserError
-from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from ..pipeline.plan import expand_grid, grid_spec
+from ..pipeline.scheduler import run_grid
 from ..pipeline.settings import Profile
 from ..pipeline.stages import Env
 

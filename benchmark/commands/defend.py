@@ -93,7 +93,7 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
             save_screen(defended, screen)
             written["screen"] = str(screen)
         record = {
-            "defense": component.name, "settings": dataclasses.asdict(prof.defense_config(component.name)),
+            "defense": component.name, "settings": dataclasses.asdict(stage.settings),
             "profile": prof.name, "overrides": prof.overrides, "defbench_version": defbench_version(),
             "code_version": stage.code, "stage_key": stage.key, "seed": stage.seed(), "profile_seed": prof.seed,
             "input": info, "output": written,

@@ -10,12 +10,12 @@ import click
 from ...attacks import ATTACKS
 from ...core import UserError
 from ...defenses import DEFENSES
-from ..pipeline.scheduler import expand_grid, grid_spec, run_grid
+from ..pipeline.scheduler import run_grid
 from ...defenses.on_transformers import REFUSED
 from ...encoders.tower_checkpoints import TOWER_LAYOUTS
 from .. import zoo
 from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
-from ..pipeline.plan import components_used
+from ..pipeline.plan import components_used, expand_grid, grid_spec
 from .common import check_datasets, check_settings_reach, friendly_errors, names, open_env, profile_options
 
 

@@ -13,10 +13,10 @@ from ...defenses import DEFENSES
 from ...reports import tables
 from ...core import paths
 from ..datasets import FAMILIES
-from ..pipeline.external import Suspect, planned_suspect_key
-from ..pipeline.plan import planned_evaluation_key
+from ..pipeline.external import Suspect
+from ..pipeline.plan import expand_grid, grid_spec, planned_evaluation_key, planned_suspect_key
 from ..pipeline.results import ResultsDB
-from ..pipeline.scheduler import diverged_stages, expand_grid, grid_spec
+from ..pipeline.scheduler import diverged_stages
 from ..pipeline.settings import parse_sets
 from ..pipeline.store import ArtifactStore
 from .common import check_writable_folder, friendly_errors, names, profile_from_options, where

@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...attacks.triggers import load_trigger
-from ...core import RegistryError, UserError
+from ...core import UserError
 from ...encoders.tower_checkpoints import TOWER_LAYOUTS, load_any_checkpoint as load_checkpoint
-from .plan import defend_stage, evaluate_stage, target_class
 from .settings import Profile
 from .stages import Stage
 
@@ -65,11 +64,6 @@ class Suspect:
     def stage(self) -> Stage:
         return import_stage(self.path, {"sha256": self.sha256, "image_size": self.image_size, "mean": self.mean,
                                         "std": self.std, "layout": self.layout})
-
-    def target_for(self, pretrain: str, downstream: str) -> int | None:
-        if self.trigger is None:
-            return None
-        return self.target if self.target is not None else target_class(pretrain, downstream, -1)
 
     def describe(self) -> str:
         trigger = (f"trigger {self.trigger_spec or self.trigger.get('type')}" if self.trigger
@@ -150,31 +144,3 @@ def suspect_from_setting(name: str, value, base: str = "") -> Suspect:
 def profile_suspects(profile: Profile) -> list[Suspect]:
     return [suspect_from_setting(name, value, profile.suspect_dirs.get(name, ""))
             for name, value in profile.suspects.items()]
-
-
-def suspect_stages(profile: Profile, suspect: Suspect, defense: str, pretrain: str,
-                   downstream: str) -> dict[str, Stage]:
-    """The evaluate stages of one suspect cell, by role: undefended and (unless ``defense`` is none) defended.
-    The defense runs on the defender's clean share of ``pretrain``, read at the encoder's input size."""
-    imported = suspect.stage()
-    target = suspect.target_for(pretrain, downstream)
-    common = {"attack": suspect.name, "pretrain": pretrain, "suspect": suspect.record()}
-    size = suspect.image_size
-    stages = {"undefended": evaluate_stage(profile, imported, downstream, suspect.trigger, target, image_size=size,
-                                           role="undefended", defense="none", **common)}
-    if defense != "none":
-        defended = defend_stage(profile, defense, imported, pretrain, image_size=size)
-        stages["defended"] = evaluate_stage(profile, defended, downstream, suspect.trigger, target, image_size=size,
-                                            role="defended", defense=defense, **common)
-    return stages
-
-
-def planned_suspect_key(profile: Profile, suspect: Suspect, defense: str, role: str, pretrain: str,
-                        downstream: str) -> str | None:
-    """The key today's code gives one suspect row (from its stored record: the file is not read)."""
-    try:
-        stage = suspect_stages(profile, suspect, defense, pretrain, downstream).get(role)
-        return stage.key if stage is not None else None
-    except (RegistryError, KeyError, TypeError, ValueError):
-        return None
-

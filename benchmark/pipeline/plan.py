@@ -1,4 +1,4 @@
-"""From a profile and a cell description to the stages that compute it.
+"""From a profile and a cell description to the stages that compute it, and from a grid to its cells.
 
 A cell is (attack, defense, pre-training set, downstream task). Its results
 are three evaluations on the task, all with the attack's trigger and target:
@@ -9,7 +9,7 @@ for that stage (:func:`stamped_trigger`).
 """
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass, field
 
 from ...attacks import ATTACKS
 from ...attacks.learned import is_learned
@@ -17,8 +17,9 @@ from ...core import ConfigError, RegistryError, UserError
 from ...defenses import DEFENSES, MEASUREMENTS, needs_pretrain_data
 from ..datasets import FAMILIES, data_version, get_spec
 from .protocols import spec_entry
+from .external import Suspect
 from .settings import DEFAULT_PROTOCOL, Profile, ProtocolSettings
-from .stages import Stage
+from .stages import Stage, pretrain_spec
 
 
 def downstream_tasks(pretrain: str, requested: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -67,11 +68,11 @@ def components_used(stages: list[Stage]) -> dict[str, set[str]]:
 
 
 def pretrain_stage(profile: Profile, dataset: str) -> Stage:
-    recipe = dataclasses.asdict(profile.pretrain)
-    max_images = recipe.pop("max_images")
+    """The clean encoder: SimCLR on ``dataset`` with the profile's encoder and pre-training settings."""
     spec = {"dataset": dataset, "data": data_version(dataset), "encoder": profile.encoder.to_dict(),
-            "recipe": recipe, "max_images": max_images, "seed": profile.seed}
-    return Stage("pretrain", dataset, spec, labels=_labels(profile, label=f"pretrain {dataset}"))
+            "seed": profile.seed}
+    return Stage("pretrain", dataset, spec, labels=_labels(profile, label=f"pretrain {dataset}"),
+                 config=profile.pretrain)
 
 
 def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) -> Stage:
@@ -82,8 +83,7 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
         trigger = cfg.make_trigger(profile.encoder.image_size).describe()
     except (ValueError, TypeError) as err:  # a trigger that does not fit the image: a setting, said up front
         raise ConfigError(f"attack.{attack}: {err}") from None
-    spec = {"attack": component.key_name, "config": dataclasses.asdict(cfg), "pretrain": pretrain,
-            "downstream": downstream,
+    spec = {"attack": component.key_name, "pretrain": pretrain, "downstream": downstream,
             "target": target_class(pretrain, downstream, cfg.target),
             "trigger": trigger,
             "encoder": clean.spec["encoder"], "recipe": clean.spec["recipe"],
@@ -91,7 +91,7 @@ def attack_stage(profile: Profile, attack: str, pretrain: str, downstream: str) 
             "data": {pretrain: data_version(pretrain), downstream: data_version(downstream)}}
     deps = (clean,) if component.options.needs_clean_encoder else ()
     return Stage("attack", component.key_name, spec, deps,
-                 _labels(profile, label=f"{component.name} {pretrain}->{downstream}"))
+                 _labels(profile, label=f"{component.name} {pretrain}->{downstream}"), config=cfg)
 
 
 def stamped_trigger(suspect: Stage) -> tuple[dict, tuple[Stage, ...]]:
@@ -119,10 +119,8 @@ def pretrain_data_spec(profile: Profile, pretrain: str, image_size: int | None =
     """What a defense registered with ``needs_pretrain_data`` is given besides the clean set: the clean
     pre-training split of ``pretrain`` (capped and seeded as the profile's pre-training) and the victim's recipe.
     The images follow from the suspect (``pretrain_inputs``: a data-poisoning attack's poisoned set)."""
-    recipe = dataclasses.asdict(profile.pretrain)
-    max_images = recipe.pop("max_images")
     return {"dataset": pretrain, "data": data_version(pretrain), "image_size": image_size or profile.encoder.image_size,
-            "max_images": max_images, "seed": profile.seed, "recipe": recipe}
+            "seed": profile.seed, **pretrain_spec(profile.pretrain)}
 
 
 def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, image_size: int | None = None,
@@ -137,11 +135,12 @@ def defend_stage(profile: Profile, defense: str, encoder: Stage, pretrain: str, 
         if encoder.kind != "attack":
             raise ConfigError("clean.poison_ratio needs an attacked encoder (its trigger poisons the clean set)")
         clean.update(poison_ratio=profile.clean.poison_ratio, trigger=stamped_trigger(encoder)[0])
-    spec = {"defense": component.key_name, "config": dataclasses.asdict(cfg), "clean": clean, "seed": profile.seed}
+    spec = {"defense": component.key_name, "clean": clean, "seed": profile.seed}
     if needs_pretrain_data(component):  # only then: every other defense keeps its key
         spec["pretrain_data"] = pretrain_data_spec(profile, pretrain, image_size)
     where = encoder.labels.get("label", encoder.name)
-    return Stage("defend", component.key_name, spec, (encoder,), _labels(profile, label=f"{component.name} on {where}"))
+    return Stage("defend", component.key_name, spec, (encoder,), _labels(profile, label=f"{component.name} on {where}"),
+                 config=cfg)
 
 
 def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: dict | None, target: int | None,
@@ -153,14 +152,14 @@ def evaluate_stage(profile: Profile, encoder: Stage, downstream: str, trigger: d
     (``pipeline/protocols.py``); only a protocol other than the MLP probe enters the spec."""
     spec = {"downstream": downstream, "data": data_version(downstream),
             "image_size": image_size or profile.encoder.image_size,
-            "trigger": trigger, "target": target, "eval": dataclasses.asdict(profile.evaluate), "seed": profile.seed}
+            "trigger": trigger, "target": target, "seed": profile.seed}
     entry = spec_entry(protocol, getattr(profile, "protocols", None) or ProtocolSettings())
     if entry:
         spec["protocol"] = entry
     label = f"evaluate {labels.get('role')} {labels.get('defense', '')} on {downstream}".replace("  ", " ")
     label += f" ({protocol})" if entry else ""
     deps = (encoder, *(stage for stage in needs if stage.key != encoder.key))
-    return Stage("evaluate", downstream, spec, deps, _labels(profile, label=label, **labels))
+    return Stage("evaluate", downstream, spec, deps, _labels(profile, label=label, **labels), config=profile.evaluate)
 
 
 def current_names(attack: str, defense: str) -> tuple[str, str]:
@@ -213,3 +212,78 @@ def planned_evaluation_key(profile: Profile, attack: str, defense: str, role: st
         return stage.key if stage is not None else None
     except RegistryError:  # an unregistered attack/defense (e.g. an uninstalled plugin)
         return None
+
+
+def _suspect_target(suspect: Suspect, pretrain: str, downstream: str) -> int | None:
+    """The target class a suspect's ASR is measured for: its own, else the task's default; None without a trigger."""
+    if suspect.trigger is None:
+        return None
+    return suspect.target if suspect.target is not None else target_class(pretrain, downstream, -1)
+
+
+def suspect_stages(profile: Profile, suspect: Suspect, defense: str, pretrain: str,
+                   downstream: str) -> dict[str, Stage]:
+    """The evaluate stages of one suspect cell, by role: undefended and (unless ``defense`` is none) defended.
+    The defense runs on the defender's clean share of ``pretrain``, read at the encoder's input size."""
+    imported = suspect.stage()
+    target = _suspect_target(suspect, pretrain, downstream)
+    common = {"attack": suspect.name, "pretrain": pretrain, "suspect": suspect.record()}
+    size = suspect.image_size
+    stages = {"undefended": evaluate_stage(profile, imported, downstream, suspect.trigger, target, image_size=size,
+                                           role="undefended", defense="none", **common)}
+    if defense != "none":
+        defended = defend_stage(profile, defense, imported, pretrain, image_size=size)
+        stages["defended"] = evaluate_stage(profile, defended, downstream, suspect.trigger, target, image_size=size,
+                                            role="defended", defense=defense, **common)
+    return stages
+
+
+def planned_suspect_key(profile: Profile, suspect: Suspect, defense: str, role: str, pretrain: str,
+                        downstream: str) -> str | None:
+    """The key today's code gives one suspect row (from its stored record: the file is not read)."""
+    try:
+        stage = suspect_stages(profile, suspect, defense, pretrain, downstream).get(role)
+        return stage.key if stage is not None else None
+    except (RegistryError, KeyError, TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------- the grid of Table I
+
+@dataclass
+class GridSpec:
+    attacks: list[str]
+    defenses: list[str]
+    pretrain: list[str]
+    downstream: list[str] = field(default_factory=list)  # empty: each pre-training set's family
+    suspects: list[Suspect] = field(default_factory=list)  # external encoders: a row group each
+
+
+def grid_spec(profile: Profile, attacks=(), defenses=(), pretrain=(), downstream=(), suspects=()) -> GridSpec:
+    """``attacks=["none"]``: no built-in attack (only the suspects). A renamed method's former name stands for it."""
+    attacks = [] if list(attacks) == ["none"] else list(attacks) or list(profile.grid.attacks)
+    defenses = list(defenses) or list(profile.grid.defenses)
+    return GridSpec([ATTACKS.get(a).name if a in ATTACKS else a for a in attacks],
+                    [DEFENSES.get(d).name if d in DEFENSES else d for d in defenses],
+                    list(pretrain) or list(profile.grid.pretrain), list(downstream), list(suspects))
+
+
+def expand_grid(profile: Profile, spec: GridSpec) -> dict[tuple, Stage]:
+    """(attack or suspect, defense-or-'undefended'/'clean', pretrain, task) -> its evaluate stage."""
+    cells: dict[tuple, Stage] = {}
+    for pretrain in spec.pretrain:
+        for task in downstream_tasks(pretrain, spec.downstream):
+            for attack in spec.attacks:
+                for defense in spec.defenses or ["none"]:
+                    stages = cell_stages(profile, attack, defense, pretrain, task)
+                    cells[(attack, "clean", pretrain, task)] = stages["clean"]
+                    cells[(attack, "undefended", pretrain, task)] = stages["undefended"]
+                    if "defended" in stages:
+                        cells[(attack, defense, pretrain, task)] = stages["defended"]
+            for suspect in spec.suspects:
+                for defense in spec.defenses or ["none"]:
+                    stages = suspect_stages(profile, suspect, defense, pretrain, task)
+                    cells[(suspect.name, "undefended", pretrain, task)] = stages["undefended"]
+                    if "defended" in stages:
+                        cells[(suspect.name, defense, pretrain, task)] = stages["defended"]
+    return cells

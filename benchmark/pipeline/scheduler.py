@@ -1,10 +1,9 @@
 """The one way stages run: expand a list of stages into its DAG and execute it, cached and resumable.
 
 ``defbench run``, ``grid``, ``report`` and the golden subset all call
-:func:`run_grid` with the stages they planned; their inputs (pre-training,
-attacks, defenses) follow from the stage DAG, each distinct key once.
-``expand_grid`` turns a profile (plus optional narrowing) into the evaluate
-stages of every Table I cell. Executors:
+:func:`run_grid` with the stages they planned (``plan.py``); their inputs
+(pre-training, attacks, defenses) follow from the stage DAG, each distinct key
+once. Executors:
 
 - ``local`` with ``workers=1``: in this process;
 - ``local`` with ``workers=N``: a pool of N processes, each pinned to one
@@ -27,20 +26,15 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ...attacks import ATTACKS
-from ...defenses import DEFENSES
 from ...encoders.runtime import log, progress_enabled
 from .device import WorkerDevice, assign_gpus, pin_worker
-from .external import Suspect, suspect_stages
-from .plan import cell_stages, downstream_tasks
-from .settings import Profile
-from .stages import ENCODER_KINDS, Env, NonFiniteError, Stage, record_row, run_stage
+from .stages import Env, NonFiniteError, Stage, makes_encoder, record_row, run_stage
 
 
 @dataclass
@@ -70,15 +64,33 @@ def expand(stages: list[Stage]) -> list[Stage]:
 
 
 def run_one(stage: Stage, env: Env) -> Outcome:
-    """Run a stage unless its artifact exists (checked again under the stage's lock), then record its row."""
+    """Run a stage unless its artifact exists (checked again under the stage's lock), then record its row.
+
+    A failure is an Outcome, not an exception: independent stages go on, and the summary says it. A training
+    that diverges (NaN or inf) is recorded, and on the same device reported again without recomputing."""
     started = time.perf_counter()
     status = "cached"
-    if not env.store.exists(stage.kind, stage.key):
-        with env.store.lock(stage.kind, stage.key):
-            if not env.store.exists(stage.kind, stage.key):
-                _run_unless_diverged(stage, env)
-                status = "ran"
-    record_row(stage, env)
+    try:
+        if not env.store.exists(stage.kind, stage.key):
+            with env.store.lock(stage.kind, stage.key):
+                if not env.store.exists(stage.kind, stage.key):
+                    record = diverged_before(stage, env)
+                    if record:
+                        raise NonFiniteError(f"{record.get('error', stage.label)} (recorded "
+                                             f"{record.get('recorded_at', '?')}: the same settings diverge again on "
+                                             f"{env.device}; to retry, delete "
+                                             f"{env.store.divergence_path(stage.kind, stage.key)})")
+                    try:
+                        run_stage(stage, env)
+                    except NonFiniteError as err:  # an evaluation of finite weights that overflows is not recorded
+                        if makes_encoder(stage):
+                            env.store.record_divergence(stage.kind, stage.key, {
+                                "label": stage.label, "error": str(err), "device": str(env.device)})
+                        raise
+                    status = "ran"
+        record_row(stage, env)
+    except Exception as err:
+        return Outcome(stage, "failed", error=f"{type(err).__name__}: {err}")
     return Outcome(stage, status, time.perf_counter() - started)
 
 
@@ -94,26 +106,10 @@ def diverged_stages(stages: list[Stage], store) -> frozenset[str]:
 
     def diverged(stage: Stage) -> bool:
         if stage.key not in seen:
-            seen[stage.key] = bool(stage.kind in ENCODER_KINDS and store.divergence(stage.kind, stage.key)) \
+            seen[stage.key] = bool(makes_encoder(stage) and store.divergence(stage.kind, stage.key)) \
                 or any(diverged(dep) for dep in stage.deps)
         return seen[stage.key]
     return frozenset(stage.key for stage in stages if diverged(stage))
-
-
-def _run_unless_diverged(stage: Stage, env: Env) -> None:
-    """Run the stage; a divergence is recorded, and a recorded one is reported again without recomputing."""
-    record = diverged_before(stage, env)
-    if record:
-        raise NonFiniteError(f"{record.get('error', stage.label)} (recorded {record.get('recorded_at', '?')}: "
-                             f"the same settings diverge again on {env.device}; to retry, delete "
-                             f"{env.store.divergence_path(stage.kind, stage.key)})")
-    try:
-        run_stage(stage, env)
-    except NonFiniteError as err:
-        if stage.kind in ENCODER_KINDS:  # training diverged; an evaluation of finite weights is not recorded
-            env.store.record_divergence(stage.kind, stage.key, {"label": stage.label, "error": str(err),
-                                                                "device": str(env.device)})
-        raise
 
 
 def record_rows(stages: list[Stage], env: Env) -> None:
@@ -123,45 +119,6 @@ def record_rows(stages: list[Stage], env: Env) -> None:
     for stage in stages:
         if id(stage) not in ran and stage.kind in ("evaluate", "measure") and env.store.exists(stage.kind, stage.key):
             record_row(stage, env)
-
-
-@dataclass
-class GridSpec:
-    attacks: list[str]
-    defenses: list[str]
-    pretrain: list[str]
-    downstream: list[str] = field(default_factory=list)  # empty: each pre-training set's family
-    suspects: list[Suspect] = field(default_factory=list)  # external encoders: a row group each
-
-
-def grid_spec(profile: Profile, attacks=(), defenses=(), pretrain=(), downstream=(), suspects=()) -> GridSpec:
-    """``attacks=["none"]``: no built-in attack (only the suspects). A renamed method's former name stands for it."""
-    attacks = [] if list(attacks) == ["none"] else list(attacks) or list(profile.grid.attacks)
-    defenses = list(defenses) or list(profile.grid.defenses)
-    return GridSpec([ATTACKS.get(a).name if a in ATTACKS else a for a in attacks],
-                    [DEFENSES.get(d).name if d in DEFENSES else d for d in defenses],
-                    list(pretrain) or list(profile.grid.pretrain), list(downstream), list(suspects))
-
-
-def expand_grid(profile: Profile, spec: GridSpec) -> dict[tuple, Stage]:
-    """(attack or suspect, defense-or-'undefended'/'clean', pretrain, task) -> its evaluate stage."""
-    cells: dict[tuple, Stage] = {}
-    for pretrain in spec.pretrain:
-        for task in downstream_tasks(pretrain, spec.downstream):
-            for attack in spec.attacks:
-                for defense in spec.defenses or ["none"]:
-                    stages = cell_stages(profile, attack, defense, pretrain, task)
-                    cells[(attack, "clean", pretrain, task)] = stages["clean"]
-                    cells[(attack, "undefended", pretrain, task)] = stages["undefended"]
-                    if "defended" in stages:
-                        cells[(attack, defense, pretrain, task)] = stages["defended"]
-            for suspect in spec.suspects:
-                for defense in spec.defenses or ["none"]:
-                    stages = suspect_stages(profile, suspect, defense, pretrain, task)
-                    cells[(suspect.name, "undefended", pretrain, task)] = stages["undefended"]
-                    if "defended" in stages:
-                        cells[(suspect.name, defense, pretrain, task)] = stages["defended"]
-    return cells
 
 
 # ------------------------------------------------------------------ workers
@@ -203,21 +160,14 @@ def _init_worker(devices, threads: int, parent: int | None = None) -> None:
 
 def _run_in_worker(stage: Stage, env: Env) -> Outcome:
     env = Env(env.store, env.db, env.data_dir, _WORKER_DEVICE or env.device)
-    return _safe_run(stage, env)
-
-
-def _safe_run(stage: Stage, env: Env) -> Outcome:
-    try:
-        return run_one(stage, env)
-    except Exception as err:  # reported in the summary; independent stages go on
-        return Outcome(stage, "failed", error=f"{type(err).__name__}: {err}")
+    return run_one(stage, env)
 
 
 def run_stage_job(stage: Stage, env: Env) -> Outcome:
     """Entry point of a submitit job: one stage, on whatever device the job got."""
     from ...encoders import pick_device
     env = Env(env.store, env.db, env.data_dir, pick_device("auto") if env.device.type == "cuda" else env.device)
-    return _safe_run(stage, env)
+    return run_one(stage, env)
 
 
 def worker_devices(env: Env, workers: int) -> list[WorkerDevice]:
@@ -292,7 +242,7 @@ def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: in
     if executor == "local" and workers <= 1:
         while (stage := sched.next_ready()) is not None:
             sched.bar.set_description(f"grid: {stage.label}"[:60])
-            sched.finish(_safe_run(stage, env))
+            sched.finish(run_one(stage, env))
     elif executor == "local":
         _run_pool(sched, env, workers)
     elif executor in ("submitit", "submitit-local"):

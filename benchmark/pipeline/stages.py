@@ -1,11 +1,17 @@
 """The stage kinds and how each one runs.
 
 A :class:`Stage` is pure data: its kind, a JSON-able ``spec`` holding
-everything that determines its output, and the stages it depends on. Its key
-hashes the spec, the keys of its inputs and the code version of the modules it
-runs (:mod:`.keys`), so changing any of them yields a new artifact while
-everything else stays cached. ``labels`` only name results (attack, defense,
-role...) and are not part of the key.
+everything that determines its output, the typed settings its runner uses
+(``config``: an attack's or defense's config, the probe's or the pre-training's
+settings, as planned and checked once), and the stages it depends on. The spec
+holds the config's dict form, written by the stage itself: it exists only to
+be hashed and recorded. Its key hashes the spec, the keys of its inputs and
+the code version of the modules it runs (:mod:`.keys`), so changing any of them
+yields a new artifact while everything else stays cached. ``labels`` only name
+results (attack, defense, role...) and are not part of the key. Everything the
+pipeline knows about a kind -- its runner, its code roots, whether it makes an
+encoder, its results row, its config's dict form -- is one :class:`StageKind`
+record in :data:`KINDS`.
 
 1. pretrain(dataset)                      -> clean encoder
 2. attack(attack, [clean encoder], task)  -> suspect encoder
@@ -39,14 +45,15 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from ...attacks import ATTACKS, trigger_from_description
 from ...attacks.learned import LEARNED_TRIGGER, TRIGGER_FILE, is_learned
-from ...core import UserError
+from ...core import UserError, build_config
 from ...defenses import DEFENSES, MEASUREMENTS, REMOVED_RECORD, CleanData, PretrainData, on_transformers
-from ...encoders import Encoder, RunContext, SimCLRConfig, build_encoder, save_encoder, train_simclr
+from ...encoders import Encoder, RunContext, build_encoder, save_encoder, train_simclr
 from ...encoders.checkpoints import CheckpointError
 from ...encoders.tower_checkpoints import (TEXT_FILE, load_any_checkpoint as load_checkpoint,
                                            load_any_encoder as load_encoder, load_text_tower, save_text_tower)
@@ -56,10 +63,9 @@ from . import inputs, pretrain_inputs, protocols, screening
 from .device import configure_backends, resident
 from .keys import code_version, digest
 from .results import ResultsDB
-from .settings import EvalSettings
+from .settings import EvalSettings, PretrainSettings
 from .store import ArtifactStore, StoreError
 
-ENCODER_KINDS = ("pretrain", "attack", "defend", "import")
 # Part of every key: bump it when the way stages are seeded changes, so no artifact made under
 # the old seeding is reused beside new ones. 3: the evaluate probe is seeded from the weights.
 SEEDING = 3
@@ -81,24 +87,28 @@ class Stage:
     spec: dict
     deps: tuple["Stage", ...] = ()
     labels: dict = field(default_factory=dict)
+    config: Any = None  # the typed settings its runner uses (None after a trip to another process: see settings)
+
+    def __post_init__(self):
+        if self.config is not None:  # the config's dict form, only to be hashed and recorded
+            self.spec = {**self.spec, **KINDS[self.kind].to_spec(self.config)}
+
+    def __getstate__(self) -> dict:
+        """Sent to another process (a pool worker, a submitit job) without its typed config, which ``settings``
+        rebuilds there from the spec: the config's class may come from a plugin file not yet loaded there."""
+        return {**self.__dict__, "config": None}
+
+    @property
+    def settings(self):
+        """The typed config: the planned one, or (in another process) rebuilt from the spec and checked again."""
+        if self.config is None and KINDS[self.kind].from_spec is not None:
+            self.config = KINDS[self.kind].from_spec(self)
+        return self.config
 
     @cached_property
     def code(self) -> str:
         """The code version of every project module this stage runs (see :mod:`.keys`)."""
-        roots = {"pretrain": lambda: "defbench.encoders.simclr",
-                 "attack": lambda: ATTACKS.get(self.name).module,
-                 "defend": lambda: DEFENSES.get(self.name).module,
-                 "evaluate": lambda: "defbench.benchmark.pipeline.evaluate",
-                 "measure": lambda: MEASUREMENTS.get(self.name).fn.__module__,
-                 "import": lambda: "defbench.encoders.checkpoints"}[self.kind]()
-        extra = _tower_roots(self)  # () for every stage of a ResNet and every MLP-probe evaluation
-        if extra:
-            return code_version(roots, INPUTS, *extra)
-        if self.kind == "evaluate" and _screens(self.deps[0]):  # how rejections are counted is part of the result
-            return code_version(roots, INPUTS, SCREENING)
-        if self.kind == "defend" and "pretrain_data" in self.spec:  # the harness code that picks those images
-            return code_version(roots, INPUTS, pretrain_inputs.MODULE)
-        return code_version(roots, INPUTS)
+        return code_version(*KINDS[self.kind].code_roots(self))
 
     @cached_property
     def key(self) -> str:
@@ -128,22 +138,19 @@ def _imports_tower(stage: Stage) -> bool:
     return any(_imports_tower(dep) for dep in stage.deps[:1])
 
 
-def _tower_roots(stage: Stage) -> tuple[str, ...]:
-    """The modules a stage runs beyond its usual ones when it meets a tower or a non-default protocol; empty
-    otherwise, so the code versions (and keys) of every other stage are what they were."""
-    roots = []
-    if _imports_tower(stage):
-        roots += [TOWER_LOADER] + ([ON_TRANSFORMERS] if stage.kind == "defend" else [])
-    if stage.kind == "evaluate" and "protocol" in stage.spec:
-        roots.append(PROTOCOLS)
-    if roots and stage.kind == "evaluate" and _screens(stage.deps[0]):
-        roots.append(SCREENING)
-    return tuple(roots)
+def _tower(stage: Stage) -> tuple[str, ...]:
+    """The tower loader, where ``stage`` meets a ViT / CLIP tower file; nothing for a ResNet (its keys stay)."""
+    return (TOWER_LOADER,) if _imports_tower(stage) else ()
 
 
 def _screens(stage: Stage) -> bool:
     """Whether ``stage`` makes an encoder that screens its inputs (a defense registered with ``screens=True``)."""
     return stage.kind == "defend" and DEFENSES.get(stage.name).options.screens
+
+
+def makes_encoder(stage: Stage) -> bool:
+    """Whether ``stage``'s artefact is an encoder (a divergence of its training is then recorded)."""
+    return KINDS[stage.kind].makes_encoder
 
 
 @dataclass
@@ -229,7 +236,7 @@ def _run_pretrain(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
     encoder = build_encoder(s["encoder"]).to(ctx.device)
     images = resident(inputs.pretrain_images(env.data_dir, s), ctx.device)
-    history = train_simclr(encoder, images, SimCLRConfig(**s["recipe"]), ctx, desc=f"pretrain {s['dataset']}")
+    history = train_simclr(encoder, images, stage.settings, ctx, desc=f"pretrain {s['dataset']}")
     ctx.record("loss_history", history)
     return {"encoder": encoder}
 
@@ -241,7 +248,7 @@ def _run_attack(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     given = inputs.attack_inputs(env.data_dir, s, clean)
     given = dataclasses.replace(given, pretrain_images=resident(given.pretrain_images, ctx.device),
                                 target_images=resident(given.target_images, ctx.device))
-    encoder = component.fn(given, component.config(**s["config"]), ctx)
+    encoder = component.fn(given, stage.settings, ctx)
     learned = ctx.records.pop(LEARNED_TRIGGER, None)  # a learned trigger lives in its own file, not the records
     if is_learned(s["trigger"]) != (learned is not None):
         raise TypeError(f"attack {s['attack']!r} planned a {'learned' if is_learned(s['trigger']) else 'fixed'} "
@@ -270,7 +277,7 @@ def _run_defend(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
         extra["pretrain"] = PretrainData(resident(pretraining.images, ctx.device), pretraining.recipe)
     suspect = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     run = on_transformers.runner(component, suspect)  # the registered function, or its variant on a ViT
-    encoder = run(suspect, CleanData(resident(images, ctx.device)), component.config(**s["config"]), ctx, **extra)
+    encoder = run(suspect, CleanData(resident(images, ctx.device)), stage.settings, ctx, **extra)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"defense {s['defense']!r} returned {type(encoder).__name__}, not an Encoder")
     fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
@@ -317,7 +324,7 @@ def _features(env: Env, stage: Stage, encoder: Encoder, ctx: RunContext, images:
 
 def _run_evaluate(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     s = stage.spec
-    cfg = EvalSettings(**{**s["eval"], "hidden": tuple(s["eval"]["hidden"])})
+    cfg = stage.settings
     encoder = load_stage_encoder(env, stage.deps[0]).to(ctx.device)
     ctx.reseed(evaluation.probe_seed(s, encoder))
     splits = inputs.evaluation_splits(env.data_dir, s, cfg.max_train, cfg.max_test)
@@ -391,9 +398,6 @@ def _run_measure(stage: Stage, env: Env, ctx: RunContext, out: Path) -> dict:
     return {"result": result}
 
 
-RUNNERS = {"pretrain": _run_pretrain, "attack": _run_attack, "defend": _run_defend, "evaluate": _run_evaluate,
-           "measure": _run_measure, "import": _run_import}
-
 
 def run_stage(stage: Stage, env: Env) -> dict:
     """Compute one stage (its inputs must exist) and write its artifact; returns its meta."""
@@ -404,7 +408,7 @@ def run_stage(stage: Stage, env: Env) -> dict:
             "code_version": stage.code, "device": str(env.device), "labels": stage.labels,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     with env.store.writing(stage.kind, stage.key, meta) as out:
-        output = RUNNERS[stage.kind](stage, env, ctx, out)
+        output = KINDS[stage.kind].run(stage, env, ctx, out)
         _check_losses(stage, ctx.records)
         if "encoder" in output:
             _check_encoder(stage, output["encoder"])
@@ -485,8 +489,78 @@ def record_measurement(stage: Stage, env: Env) -> dict:
 
 
 def record_row(stage: Stage, env: Env) -> None:
-    """The results row of a finished evaluate/measure stage (idempotent: restores a lost row)."""
-    if stage.kind == "evaluate":
-        record_evaluation(stage, env)
-    elif stage.kind == "measure":
-        record_measurement(stage, env)
+    """The results row of a finished evaluate/measure stage (idempotent: restores a lost row); none for the
+    kinds without rows."""
+    write = KINDS[stage.kind].write_row
+    if write is not None:
+        write(stage, env)
+
+
+# ----------------------------------------------------------------- the kinds
+
+@dataclass(frozen=True)
+class StageKind:
+    """Everything the pipeline knows about one kind of stage."""
+    name: str
+    run: Callable[[Stage, Env, RunContext, Path], dict]  # computes the artefact: {"encoder": ..., "result": ...}
+    code_roots: Callable[[Stage], tuple[str, ...]]  # the project modules it runs: their code versions key it
+    makes_encoder: bool  # its artefact is an encoder
+    write_row: Callable[[Stage, Env], dict] | None = None  # its results row, from its artefact
+    to_spec: Callable[[Any], dict] | None = None  # its typed config's dict form, as spec entries
+    from_spec: Callable[[Stage], Any] | None = None  # the typed config rebuilt from those entries (another process)
+
+
+def _component_config(registry):
+    """``from_spec`` of an attack or defense stage: its config class, built from the spec's ``config``."""
+    return lambda stage: build_config(registry.get(stage.name).config, stage.spec["config"],
+                                      f"{registry.kind}.{stage.name}")
+
+
+def _config_spec(config) -> dict:
+    return {"config": dataclasses.asdict(config)}
+
+
+def pretrain_spec(config: PretrainSettings) -> dict:
+    """The pre-training settings as spec entries: the recipe (what SimCLR trains with) and the image cap."""
+    recipe = dataclasses.asdict(config)
+    return {"max_images": recipe.pop("max_images"), "recipe": recipe}
+
+
+def _pretrain_config(stage: Stage) -> PretrainSettings:
+    return build_config(PretrainSettings, {**stage.spec["recipe"], "max_images": stage.spec["max_images"]},
+                        "pretrain")
+
+
+def _defend_roots(stage: Stage) -> tuple[str, ...]:
+    """The defense's module; on a tower, how a defense runs there; with the suspect's pre-training images, the
+    harness code that picks them."""
+    roots = (DEFENSES.get(stage.name).module, INPUTS)
+    if _imports_tower(stage):
+        return *roots, TOWER_LOADER, ON_TRANSFORMERS
+    return (*roots, pretrain_inputs.MODULE) if "pretrain_data" in stage.spec else roots
+
+
+def _evaluate_roots(stage: Stage) -> tuple[str, ...]:
+    """The probe's module; the tower loader, another protocol's code and, for a screened encoder, how rejections
+    are counted (each part of the result) where they apply."""
+    protocol = (PROTOCOLS,) if "protocol" in stage.spec else ()
+    screen = (SCREENING,) if _screens(stage.deps[0]) else ()
+    return "defbench.benchmark.pipeline.evaluate", INPUTS, *_tower(stage), *protocol, *screen
+
+
+KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
+    StageKind("pretrain", _run_pretrain, lambda stage: ("defbench.encoders.simclr", INPUTS, *_tower(stage)),
+              makes_encoder=True, to_spec=pretrain_spec, from_spec=_pretrain_config),
+    StageKind("attack", _run_attack, lambda stage: (ATTACKS.get(stage.name).module, INPUTS, *_tower(stage)),
+              makes_encoder=True, to_spec=_config_spec, from_spec=_component_config(ATTACKS)),
+    StageKind("defend", _run_defend, _defend_roots, makes_encoder=True, to_spec=_config_spec,
+              from_spec=_component_config(DEFENSES)),
+    StageKind("evaluate", _run_evaluate, _evaluate_roots, makes_encoder=False, write_row=record_evaluation,
+              to_spec=lambda config: {"eval": dataclasses.asdict(config)},
+              from_spec=lambda stage: build_config(EvalSettings, stage.spec["eval"], "evaluate")),
+    StageKind("measure", _run_measure,
+              lambda stage: (MEASUREMENTS.get(stage.name).fn.__module__, INPUTS, *_tower(stage)),
+              makes_encoder=False, write_row=record_measurement),
+    StageKind("import", _run_import, lambda stage: ("defbench.encoders.checkpoints", INPUTS, *_tower(stage)),
+              makes_encoder=True),
+)}

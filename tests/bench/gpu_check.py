@@ -294,7 +294,8 @@ def grid_estimate(device: torch.device, profile_name: str, sets: dict, clock: Cl
     from defbench.benchmark.analysis.studies import budget_fields
     from defbench.benchmark.pipeline import evaluate as evaluation
     from defbench.benchmark.pipeline.device import configure_backends, resident
-    from defbench.benchmark.pipeline.scheduler import expand, expand_grid, grid_spec
+    from defbench.benchmark.pipeline.plan import expand_grid, grid_spec
+    from defbench.benchmark.pipeline.scheduler import expand
     from defbench.benchmark.pipeline.settings import load_profile
 
     configure_backends(device)
