@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TASK
-from defbench.benchmark import zoo
+from defbench.benchmark.pipeline import zoo
 from defbench.benchmark.cli import main
 from defbench.encoders import build_encoder, save_encoder
 from defbench.encoders.checkpoints import file_sha256

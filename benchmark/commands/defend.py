@@ -20,8 +20,7 @@ from pathlib import Path
 import click
 
 from ...core import UserError
-from ...defenses import DEFENSES
-from ...defenses.on_transformers import check_runs_on
+from ...defenses import DEFENSES, on_transformers
 from ...encoders.checkpoints import CheckpointError
 from ...encoders.tower_checkpoints import load_any_checkpoint as load_checkpoint, save_like_any as save_like
 from ...encoders.screening import is_screened, save_screen
@@ -68,7 +67,7 @@ def defend(encoder_path, defense, clean_data, clean_size, out_path, as_json, ima
     if out.resolve() == source.resolve():
         raise UserError(f"-o {out} is the input file; write the defended encoder somewhere else")
     suspect, info = load_checkpoint(source, image_size=image_size, mean=mean, std=std)  # every check, first
-    check_runs_on(component.name, suspect)  # a defense that cannot run on a ViT says so before any compute
+    on_transformers.check_runs_on(component.name, suspect)  # a defense that cannot run on a ViT says so up front
     check_writable_folder(out.resolve().parent, "the defended encoder")
     env = open_env(prof, device, data_dir, verbose)
     load_dataset(clean_data, "pretrain", env.data_dir, info["image_size"])  # a missing dataset fails here

@@ -9,11 +9,10 @@ import click
 
 from ...attacks import ATTACKS
 from ...core import UserError
-from ...defenses import DEFENSES
+from ...defenses import DEFENSES, on_transformers
 from ..pipeline.scheduler import run_grid
-from ...defenses.on_transformers import REFUSED
 from ...encoders.tower_checkpoints import TOWER_LAYOUTS
-from .. import zoo
+from ..pipeline import zoo
 from ..pipeline.external import parse_suspect, profile_suspects, resolve_suspect
 from ..pipeline.plan import components_used, expand_grid, grid_spec
 from .common import check_datasets, check_settings_reach, friendly_errors, names, open_env, profile_options
@@ -67,8 +66,9 @@ def grid(attacks, defenses, pretrain_sets, downstream, seeds, suspect_specs, exe
     for name in spec.defenses:
         DEFENSES.get(name)
         towers = [s.name for s in spec.suspects if s.layout in TOWER_LAYOUTS]
-        if towers and name in REFUSED:  # said before any compute, as `defbench defend` does
-            raise UserError(f"{name} cannot run on the transformer tower(s) {', '.join(towers)}: {REFUSED[name]}")
+        refused = on_transformers.REFUSED.get(name)
+        if towers and refused:  # said before any compute, as `defbench defend` does
+            raise UserError(f"{name} cannot run on the transformer tower(s) {', '.join(towers)}: {refused}")
     cells = {}  # plans every stage of every seed: every setting is checked before anything runs
     for p in profiles:
         cells.update({(*key, p.seed): stage for key, stage in expand_grid(p, spec).items()})

@@ -8,7 +8,7 @@ import click
 
 from ...attacks.triggers import load_trigger
 from ...encoders.tower_checkpoints import load_any_checkpoint
-from .. import zoo as z
+from ..pipeline import zoo as z
 from ..pipeline.external import import_stage
 from ..pipeline.plan import evaluate_stage
 from ..pipeline.scheduler import run_grid

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..core import UserError
-from ..encoders.checkpoints import file_sha256
-from ..encoders.tower_checkpoints import TOWER_LAYOUTS
-from . import paths
+from ...core import UserError, paths
+from ...encoders.checkpoints import file_sha256
+from ...encoders.tower_checkpoints import TOWER_LAYOUTS
 
 LAYOUTS = ("badencoder", "torchvision", "defbench", *TOWER_LAYOUTS)
 KINDS = ("backdoored", "clean")
@@ -208,7 +207,7 @@ def local_file(entry: ZooEntry) -> Path:
 def suspect(name: str):
     """A fetched zoo checkpoint as a grid suspect (``--suspect zoo:NAME``): its trigger and target from the
     manifest, read at the manifest's input size and normalisation."""
-    from .pipeline.external import resolve_suspect
+    from .external import resolve_suspect
     entry = get(name)
     path = local_file(entry)
     return resolve_suspect(entry.name, str(path), trigger=entry.trigger_path() or None,
