@@ -57,7 +57,7 @@ class CleanSettings:
 class EvalSettings:
     # the MIMIC code's probe (wssun/MIMIC training_downstream_classifier.py, evaluation/nn_classifier.py): 1000
     # epochs, batch 64, Adam lr 1e-4, hidden 512-256, dropout 0.5; it does not shuffle, this probe does
-    # (docs/methods/mimic.md, "The downstream probe")
+    # (docs/evaluation.md)
     epochs: int = 1000
     batch_size: int = 64
     lr: float = 1e-4
