@@ -4,7 +4,9 @@ On the defender's clean set only:
 
 1. for each stage l (layer1..layer4) a MINE statistics network (``defenses/mutual_information.py``) estimates the
    Donsker-Varadhan bound of ``I(f_l(x); f(x))`` (stage output vs L2-normalised feature, test
-   transform) on the teacher (``mi_source="student"``: the random student, as the authors' code);
+   transform, eval mode) on the network ``mi_source`` names: ``"student"`` (default, every profile), the
+   freshly initialised student before any training, where the authors' code measures it (``MIMIC.py``
+   ``scheduler.estimate_mi(student, ...)``); ``"teacher"``, the suspect, as the paper's text describes;
    ``MI_l`` = mean of the last ``mi_last`` epochs, negative/NaN -> 0;
 2. ``beta_l = alpha0 + alpha1 * MI_l / sum_k MI_k`` once (uniform shares if every MI is 0;
    ``use_mi=False``: ``alpha0 + alpha1 / L``);
@@ -60,7 +62,7 @@ class MIMICConfig:
     alpha0: float = 1000.0
     alpha1: float = 10000.0
     # MI localisation (MINE)
-    mi_source: str = "teacher"  # "teacher" (the paper) or "student" (the authors' code: the random student)
+    mi_source: str = "student"  # "student": the fresh student (the authors' code); "teacher": the suspect (paper text)
     mi_epochs: int = 200
     mi_batch_size: int = 128
     mi_lr: float = 1e-3

@@ -253,8 +253,8 @@ def test_cuda_resident_data_and_bf16_encoder():
 @pytest.mark.slow
 @CUDA
 def test_cuda_micro_grid_every_defense(tmp_path, ci_env):
-    """Every grid defense of the ci profile (micro budgets) runs end to end on the GPU in bf16 (the paper
-    profile's CUDA precision; fp32 runs everywhere else) with its data resident on the device."""
+    """Every grid defense of the ci profile (micro budgets) runs end to end on the GPU in bf16 (the opt-in
+    ``encoder.precision=bf16``; every profile runs fp32 otherwise) with its data resident on the device."""
     from defbench.benchmark.pipeline.results import ResultsDB
     from defbench.benchmark.pipeline.settings import load_profile, parse_sets
     from defbench.benchmark.pipeline.stages import Env

@@ -140,10 +140,10 @@ def test_beta_follows_the_estimated_mi(monkeypatch, backdoored, clean_data, ctx)
     assert ctx.records["mi"] == given
     assert ctx.records["beta"] == pytest.approx(expected)
     assert calls[0]["beta"] == pytest.approx(expected)  # what the distillation actually uses
-    assert seen[0] is calls[0]["teacher"]  # the paper: MI on the suspect teacher
+    assert seen[0] is calls[0]["student"]  # the default: MI on the fresh student, as the authors' code
 
 
-def test_mi_source_student_estimates_on_the_random_student(monkeypatch, backdoored, clean_data, ctx):
+def test_mi_source_teacher_estimates_on_the_suspect(monkeypatch, backdoored, clean_data, ctx):
     seen = []
 
     def fake_mi(encoder, images, cfg, ctx):
@@ -151,8 +151,34 @@ def test_mi_source_student_estimates_on_the_random_student(monkeypatch, backdoor
         return {k: {"mi": 1.0, "raw": 1.0, "history": []} for k in LAYERS}
     monkeypatch.setattr(mimic_mod, "estimate_stage_mi", fake_mi)
     calls = _spy_distill(monkeypatch)
-    mimic_mod.mimic(backdoored[0].clone(), _small_clean(clean_data), _fast_cfg(mi_source="student"), ctx)
-    assert seen[0] is calls[0]["student"]
+    mimic_mod.mimic(backdoored[0].clone(), _small_clean(clean_data), _fast_cfg(mi_source="teacher"), ctx)
+    assert seen[0] is calls[0]["teacher"]
+
+
+def test_mi_source_decides_which_network_the_recorded_mi_comes_from(monkeypatch, backdoored, clean_data, ctx):
+    """Real MINE runs, no fake estimator: the MI that ``mimic`` records is, to the last bit, the estimate on the
+    network ``mi_source`` names (the student drawn from the same seed, untrained; or the suspect), and the two
+    networks give different estimates (compared before the clip to 0, which could make both zero)."""
+    calls = _spy_distill(monkeypatch)
+    images = _small_clean(clean_data).images
+    suspect = backdoored[0]
+    recorded = {}
+    for name in ("student", "teacher"):
+        ctx.reseed(11)
+        mimic_mod.mimic(suspect.clone(), CleanData(images), _fast_cfg(mi_source=name, mi_epochs=3, mi_hidden=32), ctx)
+        recorded[name] = ctx.records["mi_raw"]
+
+    def estimate_on(network_of: str) -> dict:
+        ctx.reseed(11)
+        student = suspect.clone().empty_like()  # the same draw as mimic's first random numbers
+        network = student if network_of == "student" else frozen_copy(suspect)
+        est = mimic_mod.estimate_stage_mi(network, images, _fast_cfg(mi_epochs=3, mi_hidden=32), ctx)
+        return {k: v["raw"] for k, v in est.items()}
+
+    assert recorded["student"] == estimate_on("student")
+    assert recorded["teacher"] == estimate_on("teacher")
+    assert recorded["student"] != recorded["teacher"]
+    assert len(calls) == 2  # each estimate was followed by the distillation (here a recorder)
 
 
 def test_uniform_beta_without_mi(monkeypatch, backdoored, clean_data, ctx):
@@ -361,9 +387,9 @@ def test_registered_with_profiles():
     paper = comp.make_config("paper")
     assert (paper.epochs, paper.batch_size, paper.alpha0, paper.alpha1, paper.mi_epochs, paper.mi_pool) == \
         (1000, 128, 1000.0, 10000.0, 200, 0)
-    assert paper.mi_source == "teacher" and paper.attention_form == "code"
+    assert paper.mi_source == "student" and paper.attention_form == "code"  # MIMIC.py: estimate_mi(student, ...)
     for profile in ("tiny", "ci"):
-        comp.make_config(profile)
+        assert comp.make_config(profile).mi_source == "student"  # the reference at every profile
 
 
 # ----------------------------------------------------------------- it works

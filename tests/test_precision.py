@@ -7,6 +7,7 @@ two seeds, and at ci one seed's ASR spreads by tens of points (measured cells: d
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +16,19 @@ from defbench.attacks import ATTACKS
 from defbench.attacks.base import AttackInputs
 from defbench.benchmark.pipeline.evaluate import extract_features, predict, score, train_probe
 from defbench.benchmark.pipeline.plan import cell_stages
-from defbench.benchmark.pipeline.settings import load_profile
+from defbench.benchmark.pipeline.settings import ConfigError, load_profile
 from defbench.encoders import SimCLRConfig, build_encoder
+
+
+def test_paper_runs_fp32_and_bf16_only_when_asked(monkeypatch):
+    """The references run fp32; the paper profile does too, on a GPU as well (no automatic bf16)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    paper = load_profile("paper")
+    assert paper.encoder.precision == "fp32"
+    assert load_profile("paper", {"encoder.precision": "bf16"}).encoder.precision == "bf16"
+    with pytest.raises(ConfigError, match="fp32, bf16") as err:
+        load_profile("paper", {"encoder.precision": "auto"})  # the former automatic choice is gone
+    assert "\n" not in str(err.value)
 
 
 def _in_bf16(encoder):

@@ -6,10 +6,19 @@ from defbench.benchmark.pipeline.settings import ConfigError, builtin_profiles, 
 def test_builtin_profiles_load_and_differ_in_scale():
     assert {"paper", "tiny", "ci"} <= set(builtin_profiles())
     paper, tiny, ci = (load_profile(n) for n in ("paper", "tiny", "ci"))
-    assert paper.encoder.width == 64 and paper.pretrain.epochs == 1000 and paper.evaluate.epochs == 500
+    assert paper.encoder.width == 64 and paper.pretrain.epochs == 1000 and paper.evaluate.epochs == 1000
     assert paper.clean.fraction == 0.04 and paper.grid.pretrain == ["cifar10", "stl10"]
     assert ci.pretrain.epochs < tiny.pretrain.epochs < paper.pretrain.epochs
     assert tiny.grid.pretrain[0].startswith("synth-")
+
+
+def test_paper_probes_as_the_mimic_code_does():
+    """wssun/MIMIC training_downstream_classifier.py (--nn_epochs 1000, --lr 1e-4, --batch_size 64, hidden 512 and
+    256) with evaluation/nn_classifier.py (Dropout 0.5 after the first layer, Adam): the Table I being reproduced."""
+    probe = load_profile("paper").evaluate
+    assert (probe.epochs, probe.lr, probe.batch_size, tuple(probe.hidden), probe.dropout) == \
+        (1000, 1e-4, 64, (512, 256), 0.5)
+    assert (probe.max_train, probe.max_test) == (0, 0)  # the whole downstream sets
 
 
 def test_component_defaults_layer_paper_then_profile_then_overrides():
