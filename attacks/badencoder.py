@@ -79,6 +79,15 @@ TINY = {"epochs": 10, "lr": 0.03, "batch_size": 128, "shadow_images": 5000, "n_r
 CI = {"epochs": 5, "lr": 0.01, "batch_size": 64, "shadow_images": 1000, "n_reference": 10, "ref_views": 2}
 
 
+def poisoning_optimizer(model: Encoder, cfg: BadEncoderConfig) -> torch.optim.Optimizer:
+    """Put ``model`` in BadEncoder's training mode (train, every BatchNorm frozen in eval mode) and return
+    the SGD optimiser over its trainable backbone parameters (the projection head is not trained)."""
+    model.train()
+    freeze_batchnorm(model)
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def train_badencoder(inputs: AttackInputs, cfg: BadEncoderConfig, ctx, loss_fn: Callable | None = None,
                      desc: str = "badencoder", on_epoch_end: Callable | None = None
                      ) -> tuple[Encoder, list[list[float]]]:
@@ -102,11 +111,7 @@ def train_badencoder(inputs: AttackInputs, cfg: BadEncoderConfig, ctx, loss_fn: 
     refs = to_float(inputs.target_images[pick], ctx.device)
     ctx.record("reference_indices", pick.tolist())
     augment = SimCLRAugment(crop=False)
-
-    model.train()
-    freeze_batchnorm(model)
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = poisoning_optimizer(model, cfg)
     batch_size = min(cfg.batch_size, len(shadow))
     history: list[list[float]] = []
     for epoch in ctx.progress(range(cfg.epochs), desc=desc, total=cfg.epochs):
