@@ -52,11 +52,16 @@ class DRUPEConfig(BadEncoderConfig):
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 50,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sliced 2-Wasserstein distance between two equally sized point clouds (N x D), differentiable."""
+                       generator: torch.Generator | None = None,
+                       directions: torch.Tensor | None = None) -> torch.Tensor:
+    """Sliced 2-Wasserstein distance between two equally sized point clouds (N x D), differentiable.
+
+    The ``n_projections`` directions are Gaussian draws from ``generator``, each normalised to unit length;
+    ``directions`` (D x n, normalised here) replaces the draw (the reference-trace test passes the trace's)."""
     if a.shape != b.shape:
         raise ValueError(f"sliced_wasserstein needs equally sized samples, got {tuple(a.shape)} and {tuple(b.shape)}")
-    directions = torch.randn(a.shape[1], n_projections, generator=generator)
+    if directions is None:
+        directions = torch.randn(a.shape[1], n_projections, generator=generator)
     directions = F.normalize(directions, dim=0).to(device=a.device, dtype=a.dtype)
     pa = torch.sort(a @ directions, dim=0).values
     pb = torch.sort(b @ directions, dim=0).values
