@@ -75,6 +75,11 @@ def _from_tanh_space(raw: torch.Tensor) -> torch.Tensor:
     return (torch.tanh(raw) / (2 - EPS) + 0.5).clamp(0, 1)
 
 
+def _trigger_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the inverted trigger (the reference's), float32 where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def offdiag_cosine(features: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity of the rows, the diagonal left out."""
     z = F.normalize(features, dim=1)
@@ -83,7 +88,9 @@ def offdiag_cosine(features: torch.Tensor) -> torch.Tensor:
     return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
 
 
-def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ctx, trace: list | None = None):
+def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ctx, trace: list | None = None,
+                   init: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   monitor: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
     """DECREE's inversion on uint8 ``images`` (N x 3 x H x W); the encoder is not modified.
 
     Returns ``(mask, pattern, info)``: the best trigger (mask H x W and pattern
@@ -92,6 +99,9 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
     ``cosine`` (of the best trigger) and ``final_cosine``. When no update reached
     the threshold the last trigger is returned, ``found`` is False and ``pl1`` is
     1.0. ``trace``, when given, receives ``(cos, |m|_1, lambda)`` of every update.
+    ``init`` gives the starting mask (H x W) and pattern (3 x H x W) in tanh space instead of
+    the random draw, and ``monitor(raw_mask, raw_pattern)`` is called after every update (their
+    gradients still attached): the seams the reference-trace test uses.
     """
     if len(images) < 2:
         raise ValueError("DECREE needs at least 2 clean images to invert a trigger")
@@ -100,8 +110,15 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
     if cfg.inv_images and cfg.inv_images < len(images):
         images = images[torch.randperm(len(images), generator=ctx.generator)[:cfg.inv_images]]
     channels, h, w = images.shape[-3:]
-    raw_mask = _to_tanh_space(torch.rand(h, w, generator=ctx.generator)).to(device).requires_grad_(True)
-    raw_pattern = _to_tanh_space(torch.rand(3, h, w, generator=ctx.generator)).to(device).requires_grad_(True)
+    if init is None:
+        init = (_to_tanh_space(torch.rand(h, w, generator=ctx.generator)),
+                _to_tanh_space(torch.rand(3, h, w, generator=ctx.generator)))
+    # the trigger, its Adam state and the stamping are float64 as in the reference (main.py keeps them in
+    # float64 and casts the stamped batch to fp32 for the encoder): fp32 saturates tanh, so mask entries the
+    # reference keeps at ~1e-8 (and the pattern's gradient there) become exactly 0
+    dtype = _trigger_dtype(device)
+    raw_mask = init[0].detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+    raw_pattern = init[1].detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([raw_mask, raw_pattern], lr=cfg.inv_lr[0], betas=(0.5, 0.9))
     batch_size = min(cfg.inv_batch_size, len(images))
 
@@ -121,7 +138,7 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
             for group in opt.param_groups:
                 group["lr"] = cfg.inv_lr[sum(step >= s for s in cfg.inv_lr_steps)]
             mask, pattern = _from_tanh_space(raw_mask), _from_tanh_space(raw_pattern)
-            x = stamp(to_float(images[idx], device), mask, pattern)
+            x = stamp(images[idx].to(device=device, dtype=dtype) / 255.0, mask, pattern).float()
             cos = offdiag_cosine(model.features(x))
             l1 = mask.sum()
             # the reference's L1 term sums the mask repeated over the image channels
@@ -130,6 +147,8 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
             loss.backward()
             opt.step()
             step += 1
+            if monitor is not None:
+                monitor(raw_mask, raw_pattern)
 
             cos_value, l1_value = cos.item(), l1.item()
             epoch_cos.append(cos_value)
@@ -138,7 +157,7 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
                 trace.append((cos_value, l1_value, lam))
             if success and l1_value < best_l1:
                 best_l1, best_cos = l1_value, cos_value
-                best = (mask.detach().cpu().clone(), pattern.detach().cpu().clone())
+                best = (mask.detach().float().cpu(), pattern.detach().float().cpu())
             if best is not None:  # early-stop bookkeeping starts with the first valid trigger
                 stale = stale + 1 if best_l1 >= last_best else 0
                 last_best = min(last_best, best_l1)
@@ -168,7 +187,7 @@ def invert_trigger(encoder: Encoder, images: torch.Tensor, cfg: DecreeConfig, ct
     found = best is not None
     if not found:
         with torch.no_grad():
-            best = (_from_tanh_space(raw_mask).cpu(), _from_tanh_space(raw_pattern).cpu())
+            best = (_from_tanh_space(raw_mask).float().cpu(), _from_tanh_space(raw_pattern).float().cpu())
         best_l1 = best[0].sum().item()
     info = {"pl1": best_l1 / (h * w) if found else 1.0, "mask_l1": best_l1, "found": found, "steps": step,
             "lambda": lam, "cosine": best_cos if found else None, "final_cosine": cos_value,
