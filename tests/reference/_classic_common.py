@@ -76,6 +76,11 @@ def checksum(tensors) -> dict[str, float]:
             "sq": sum(float(t.detach().double().pow(2).sum()) for t in tensors)}
 
 
+def _nested(value) -> bool:
+    """A list holding dicts somewhere (compared entry by entry), not a plain array of numbers."""
+    return isinstance(value, list) and any(isinstance(v, dict) or _nested(v) for v in value)
+
+
 def assert_close(actual, expected, rtol: float, atol: float, what: str) -> None:
     """Recursive comparison of numbers / lists / dicts; the message names the first mismatch."""
     if isinstance(expected, dict):
@@ -84,7 +89,7 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str) -> None:
         for key in expected:
             assert_close(actual[key], expected[key], rtol, atol, f"{what}.{key}")
         return
-    if isinstance(expected, list) and expected and isinstance(expected[0], dict):
+    if _nested(expected):
         assert len(actual) == len(expected), f"{what}: {len(actual)} entries, reference {len(expected)}"
         for i, (a, e) in enumerate(zip(actual, expected)):
             assert_close(a, e, rtol, atol, f"{what}[{i}]")
@@ -114,7 +119,7 @@ def assert_trace(actual, expected, envelope, rtol: float, spread: float, what: s
         for key in expected:
             assert_trace(actual[key], expected[key], envelope[key], rtol, spread, f"{what}.{key}")
         return
-    if isinstance(expected, list) and expected and isinstance(expected[0], dict):
+    if _nested(expected):
         assert len(actual) == len(expected), f"{what}: {len(actual)} entries, reference {len(expected)}"
         for i, (a, e, env) in enumerate(zip(actual, expected, envelope)):
             assert_trace(a, e, env, rtol, spread, f"{what}[{i}]")
@@ -136,8 +141,24 @@ def worst_ratio(actual, expected, envelope, rtol: float) -> float:
     """max |a - e| / (rtol |e| + envelope): what ``spread`` a comparison needs (for calibrating tolerances)."""
     if isinstance(expected, dict):
         return max(worst_ratio(actual[k], expected[k], envelope[k], rtol) for k in expected)
-    if isinstance(expected, list) and expected and isinstance(expected[0], dict):
+    if _nested(expected):
         return max(worst_ratio(a, e, env, rtol) for a, e, env in zip(actual, expected, envelope))
     a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     env = np.asarray(envelope, dtype=np.float64)
     return float(np.max(np.abs(a - e) / (rtol * np.abs(e) + env + 1e-300)))
+
+
+def det_uniform(shape, salt: int) -> np.ndarray:
+    """Values in [0, 1) from SplitMix64 of (index, salt) in exact uint64 arithmetic.
+
+    The drivers used the same function for values the reference would otherwise draw from its own
+    generator (MOTH's initial triggers and restart noise), so both sides get the same numbers on any machine.
+    """
+    n = int(np.prod(shape))
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = np.arange(n, dtype=np.uint64) * golden + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03) + golden
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(11)).astype(np.float64) / float(1 << 53)).reshape(shape)
