@@ -244,6 +244,21 @@ def medic_step_losses(student, teacher, views, stats, cfg: MedicConfig, taps, en
     return total, task, clone, feature
 
 
+def make_optimizer(student, cfg: MedicConfig) -> torch.optim.Adam:
+    """The reference's optimiser with ``--hook``: Adam over every student parameter, weight decay."""
+    return torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def step(student, teacher, views, stats, cfg: MedicConfig, taps, opt, entropies: list | None = None):
+    """One update of the student on stacked views; returns :func:`medic_step_losses`'s (total, nt-xent, clone,
+    feature)."""
+    losses = medic_step_losses(student, teacher, views, stats, cfg, taps, entropies)
+    opt.zero_grad(set_to_none=True)
+    losses[0].backward()
+    opt.step()
+    return losses
+
+
 @register_defense("medic", config=MedicConfig,
                   summary="clone the suspect into a random-init student, weighting layers by importance (MEDIC)",
                   profiles={"tiny": {"epochs": 12}, "ci": {"epochs": 3}}, budget=("epochs",))
@@ -259,7 +274,7 @@ def medic(encoder, clean, cfg: MedicConfig, ctx):
     batch_size = min(cfg.batch_size, len(images))
     try:
         stats = teacher_statistics(teacher, images, cfg, ctx, taps[0], augment)
-        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(student, cfg)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs)) if cfg.cosine else None
         history = {"loss": [], "ntxent": [], "clone": [], "feature": []}
         entropy = {"activation": [], "gradient": []}
@@ -270,10 +285,7 @@ def medic(encoder, clean, cfg: MedicConfig, ctx):
                 x = to_float(images[idx], device)
                 views = torch.cat([augment(x), augment(x)])
                 ent = [] if i == 0 else None  # softmax entropies on the first batch of each epoch
-                losses = medic_step_losses(student, teacher, views, stats, cfg, taps, ent)
-                opt.zero_grad(set_to_none=True)
-                losses[0].backward()
-                opt.step()
+                losses = step(student, teacher, views, stats, cfg, taps, opt, ent)
                 totals += torch.tensor([v.item() for v in losses])
                 if ent:
                     entropy["activation"].append(ent[0][0])
