@@ -76,6 +76,21 @@ def checksum(tensors) -> dict[str, float]:
             "sq": sum(float(t.detach().double().pow(2).sum()) for t in tensors)}
 
 
+def record_grad_norms(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
+    """Wraps ``opt.step`` so that the returned dict holds, at each update, every gradient norm of ``model``'s
+    parameters by name (read just before the update, as the drivers' recording optimisers do)."""
+    names = {p: n for n, p in model.named_parameters()}
+    grads: dict[str, float] = {}
+    original_step = opt.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({names[p]: float(p.grad.norm()) for p in model.parameters() if p.grad is not None})
+        return original_step(*args, **kwargs)
+
+    opt.step = recording_step
+    return grads
+
+
 def _nested(value) -> bool:
     """A list holding dicts somewhere (compared entry by entry), not a plain array of numbers."""
     return isinstance(value, list) and any(isinstance(v, dict) or _nested(v) for v in value)

@@ -74,15 +74,7 @@ def test_cloning_steps_match_the_reference(monkeypatch):
     monkeypatch.setattr(medic, "importance", importance)
     monkeypatch.setattr(medic, "teacher_loss", teacher_loss)
     opt = medic.make_optimizer(student, CFG)
-    names = {p: n for n, p in student.named_parameters()}
-    grads = {}
-    real_step = opt.step
-
-    def recording_step(*args, **kwargs):
-        grads.update({names[p]: float(p.grad.norm()) for p in student.parameters() if p.grad is not None})
-        return real_step(*args, **kwargs)
-
-    opt.step = recording_step
+    grads = C.record_grad_norms(opt, student)
     start = [p.detach().clone() for p in student.parameters()]
     ours = []
     for k in range(STEPS):

@@ -28,15 +28,7 @@ def _run(betas, steps: int) -> list[dict]:
     student = C.encoder("suspect").train()
     teacher = frozen_copy(C.encoder("teacher")) if any(betas) else None
     opt = nad.make_optimizer(student, cfg)
-    names = {p: n for n, p in student.named_parameters()}
-    trace, grads = [], {}
-    original_step = opt.step
-
-    def recording_step(*args, **kwargs):
-        grads.update({names[p]: float(p.grad.norm()) for p in student.parameters() if p.grad is not None})
-        return original_step(*args, **kwargs)
-
-    opt.step = recording_step
+    trace, grads = [], C.record_grad_norms(opt, student)
     start = [p.detach().clone() for p in student.parameters()]
     for i in range(steps):
         with torch.no_grad():  # each step from the stored weights, momentum carried over (nad.json: protocol)
