@@ -155,13 +155,41 @@ def _loss_fn(cfg: ANPConfig, model: Encoder):
     return loss
 
 
+def mask_step(pert: NeuronPerturbation, opt: torch.optim.Optimizer, loss_fn, x: torch.Tensor, target,
+              cfg: ANPConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ANP iteration on batch ``x``; returns (loss, natural term, robust term).
+
+    Step 1, the adversarial neuron perturbation: random start ``U(-eps, eps)``, ``cfg.steps``
+    signed-gradient ascent steps, no projection. Step 2, the mask update: one optimiser step on
+    ``alpha * L(m) + (1 - alpha) * L(m + delta, 1 + xi)``, then the masks are clamped to [0, 1].
+    """
+    if cfg.eps > 0:
+        pert.reset(generator)
+        for _ in range(cfg.steps):
+            pert.ascend(loss_fn(pert, x, target, perturbed=True), cfg.eps / cfg.steps)
+        pert.fix()
+    loss_nat = loss_fn(pert, x, target, perturbed=False)
+    loss_rob = loss_fn(pert, x, target, perturbed=True) if cfg.eps > 0 else torch.zeros((), device=x.device)
+    loss = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    pert.clamp_masks()
+    return loss, loss_nat, loss_rob
+
+
+def mask_optimizer(pert: NeuronPerturbation, cfg: ANPConfig) -> torch.optim.SGD:
+    """The reference's mask optimiser: SGD with momentum on the masks only."""
+    return torch.optim.SGD(pert.masks, lr=cfg.lr, momentum=cfg.momentum)
+
+
 def optimize_masks(encoder: Encoder, clean, cfg: ANPConfig, ctx) -> tuple[torch.Tensor, dict]:
     """Run ANP's mask optimisation on a frozen copy of ``encoder``; returns (masks, stats)."""
     device = ctx.device
     model = mask_model(encoder).to(device)  # train mode, no parameter gradients; also f_0
     pert = NeuronPerturbation(model, cfg.eps)
     loss_fn = _loss_fn(cfg, model)
-    opt = torch.optim.SGD(pert.masks, lr=cfg.lr, momentum=cfg.momentum)
+    opt = mask_optimizer(pert, cfg)
     simclr = SimCLRAugment()
     images = clean.images
     curve, max_pert, total, count = [], 0.0, 0.0, 0
@@ -175,21 +203,9 @@ def optimize_masks(encoder: Encoder, clean, cfg: ANPConfig, ctx) -> tuple[torch.
             x = reference_augment(x)
             with torch.no_grad():  # f_0 on this batch, batch statistics like the masked network
                 target = model.features(x)
-        # step 1: adversarial neuron perturbation (random start, signed ascent, no projection)
+        loss, loss_nat, loss_rob = mask_step(pert, opt, loss_fn, x, target, cfg, ctx.generator)
         if cfg.eps > 0:
-            pert.reset(ctx.generator)
-            for _ in range(cfg.steps):
-                pert.ascend(loss_fn(pert, x, target, perturbed=True), cfg.eps / cfg.steps)
-            pert.fix()
             max_pert = max(max_pert, pert.max_perturbation())
-        # step 2: mask update on alpha * natural + (1 - alpha) * robust loss
-        loss_nat = loss_fn(pert, x, target, perturbed=False)
-        loss_rob = loss_fn(pert, x, target, perturbed=True) if cfg.eps > 0 else torch.zeros((), device=device)
-        loss = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        pert.clamp_masks()
         total += loss.item()
         count += 1
         if (it + 1) % log_every == 0 or it + 1 == cfg.iterations:

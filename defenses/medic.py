@@ -12,8 +12,10 @@ weights, the reference's "exact" mode). Each step, on two SimCLR views of the ba
 - total ``NT-Xent(student) + clone_weight * clone + feature_weight * (1 - cos(f_s, f_t))``.
 
 Sites (``layers``): ``conv+bn`` (default) the main-path Conv2d and BatchNorm2d outputs of the
-backbone (shortcut convs/BNs excluded, as in the reference). With ``bn_after_relu`` a BN output that
-feeds a ReLU is compared (v, g) after that ReLU while h^, mu, sigma stay on the BN output.
+backbone (shortcut convs/BNs excluded, as in the reference). With ``bn_after_relu`` a BN output is
+compared (v, g) where the reference's in-place operations leave its stored tensor (its hooked ResNet,
+``models/resnet_tv.py``): a BN that feeds a ReLU after that ReLU, a block's bn2 after ``out += identity``
+and the ReLU, i.e. at the block's output; h^, mu, sigma stay on the BN output.
 Adam, cosine annealing stepped once per epoch; batches keep the last partial batch.
 
 Parity with the reference: docs/methods/medic.md
@@ -37,6 +39,7 @@ from .base import register_defense
 
 LAYER_CHOICES = ("conv+bn", "conv", "bn", "stages")
 EPS = 1e-5  # the reference's Norm eps: h^ = (h - mu) / (sigma + eps); also the floor of the sigma divisor
+STAT_VAR_PRIOR, STAT_COUNT_PRIOR = 1.0, 1e-5  # hook.py Norm("exact"): running_var starts at ones, cnt at 1e-5
 
 
 @dataclass
@@ -52,7 +55,7 @@ class MedicConfig:
     temperature: float = 0.5  # NT-Xent
     stat_batches: int = 101  # one pass over the clean set, at most this many batches (reference: idx > 100)
     layers: str = "conv+bn"  # conv+bn (reference README) | conv (reference argparse default) | bn | stages
-    bn_after_relu: bool = True  # compare BN->ReLU sites after the ReLU (the reference's in-place ReLU)
+    bn_after_relu: bool = True  # compare BN sites where the reference's in-place ReLU / += identity leave them
     teacher_loss: str = "ntxent"  # ntxent | cosine
     teacher_reduction: str = "mean"  # mean over samples (reference) | sum (per-sample gradient scale)
 
@@ -67,45 +70,56 @@ class MedicConfig:
 
 # ----------------------------------------------------------------- hook sites
 
-def _relu_consumers(backbone: nn.Module) -> dict[nn.Module, nn.Module]:
-    """BatchNorm -> the module whose input is ReLU(that BN's output), for the ResNet-18 here:
-    the stem BN feeds ``layer1[0]``, a block's bn1 feeds its conv2 (bn2 is added to the shortcut first)."""
+def _value_sources(backbone: nn.Module) -> dict[nn.Module, tuple[nn.Module, str]]:
+    """BatchNorm -> (module, "input" | "output") holding what the reference's in-place operations turn that
+    BN's stored output into, for the ResNet-18 here: the stem BN -> ReLU -> the input of ``layer1[0]``; a
+    block's bn1 -> ReLU -> the input of its conv2; a block's bn2 -> ``+= identity`` -> ReLU -> the block's
+    output (``resnet_tv.py`` ``BasicBlock.forward``)."""
     if not isinstance(backbone, ResNet18Backbone):
         return {}
-    consumers = {backbone.bn1: getattr(backbone, backbone.stage_names[0])[0]}
+    sources = {backbone.bn1: (getattr(backbone, backbone.stage_names[0])[0], "input")}
     for block in backbone.modules():
         if isinstance(block, BasicBlock):
-            consumers[block.bn1] = block.conv2
-    return consumers
+            sources[block.bn1] = (block.conv2, "input")
+            sources[block.bn2] = (block, "output")
+    return sources
 
 
-def hook_sites(encoder: Encoder, layers: str, bn_after_relu: bool = True) -> list[tuple[nn.Module, nn.Module | None]]:
-    """(module whose output gives h and the statistics, module whose *input* is the compared value or None)
-    for every hooked site, in forward order; shortcut (``downsample``) convs and BNs are not hooked."""
+def hook_sites(encoder: Encoder, layers: str,
+               bn_after_relu: bool = True) -> list[tuple[nn.Module, tuple[nn.Module, str] | None]]:
+    """(module whose output gives h and the statistics, (module, "input" | "output") giving the compared
+    value, or None when it is h itself) for every hooked site, in forward order; shortcut (``downsample``)
+    convs and BNs are not hooked."""
     kinds = {"conv+bn": (nn.Conv2d, nn.modules.batchnorm._BatchNorm), "conv": (nn.Conv2d,),
              "bn": (nn.modules.batchnorm._BatchNorm,)}[layers]
-    consumers = _relu_consumers(encoder.backbone) if bn_after_relu else {}
-    return [(m, consumers.get(m)) for name, m in encoder.backbone.named_modules()
+    sources = _value_sources(encoder.backbone) if bn_after_relu else {}
+    return [(m, sources.get(m)) for name, m in encoder.backbone.named_modules()
             if isinstance(m, kinds) and "downsample" not in name.split(".")]
 
 
 class ActivationTap:
     """Forward hooks registered once; tensors are kept only inside ``capture()``."""
 
-    def __init__(self, sites: list[tuple[nn.Module, nn.Module | None]]):
+    def __init__(self, sites: list[tuple[nn.Module, tuple[nn.Module, str] | None]]):
         self.n = len(sites)
         self.active = False
         self.stat: list[torch.Tensor | None] = [None] * self.n
         self.value: list[torch.Tensor | None] = [None] * self.n
         self.handles = []
-        for i, (module, consumer) in enumerate(sites):
+        for i, (module, source) in enumerate(sites):
             self.handles.append(module.register_forward_hook(functools.partial(self._keep_output, i)))
-            if consumer is not None:
-                self.handles.append(consumer.register_forward_pre_hook(functools.partial(self._keep_input, i)))
+            if source is not None and source[1] == "input":
+                self.handles.append(source[0].register_forward_pre_hook(functools.partial(self._keep_input, i)))
+            elif source is not None:
+                self.handles.append(source[0].register_forward_hook(functools.partial(self._keep_value, i)))
 
     def _keep_output(self, i, module, inputs, output):
         if self.active:
             self.stat[i] = output
+
+    def _keep_value(self, i, module, inputs, output):
+        if self.active:
+            self.value[i] = output
 
     def _keep_input(self, i, module, inputs):
         if self.active:
@@ -146,15 +160,19 @@ def activations(encoder: Encoder, x: torch.Tensor, layers: str, tap: ActivationT
 @torch.no_grad()
 def teacher_statistics(teacher: Encoder, images: torch.Tensor, cfg: MedicConfig, ctx, tap, augment):
     """Per-channel (mu, sigma) of every site's h over one pass of augmented clean batches (at most
-    ``stat_batches``): batch means and unbiased batch variances, averaged with batch-size weights."""
+    ``stat_batches``): batch means and unbiased batch variances, averaged with batch-size weights.
+
+    As the reference's ``Norm`` in mode ``exact``, the sums start from its buffers' initial values, the
+    variance sum at ``STAT_VAR_PRIOR`` and the count at ``STAT_COUNT_PRIOR``:
+    ``sigma^2 = (1 + sum_b n_b var_b) / (1e-5 + sum_b n_b)``, a prior worth one sample of unit variance."""
     means = variances = None
-    count = 0
+    count = STAT_COUNT_PRIOR
     batches = ctx.batches(len(images), min(cfg.batch_size, len(images)), drop_last=False)
     for idx in batches[:max(1, cfg.stat_batches)]:
         stat, _, _ = activations(teacher, augment(to_float(images[idx], ctx.device)), cfg.layers, tap)
         if means is None:
             means = [torch.zeros(a.shape[1], dtype=torch.float64, device=a.device) for a in stat]
-            variances = [torch.zeros_like(m) for m in means]
+            variances = [torch.full_like(m, STAT_VAR_PRIOR) for m in means]
         for i, a in enumerate(stat):
             dims = (0, 2, 3) if a.ndim == 4 else (0,)
             a = a.double()
@@ -226,6 +244,21 @@ def medic_step_losses(student, teacher, views, stats, cfg: MedicConfig, taps, en
     return total, task, clone, feature
 
 
+def make_optimizer(student, cfg: MedicConfig) -> torch.optim.Adam:
+    """The reference's optimiser with ``--hook``: Adam over every student parameter, weight decay."""
+    return torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def step(student, teacher, views, stats, cfg: MedicConfig, taps, opt, entropies: list | None = None):
+    """One update of the student on stacked views; returns :func:`medic_step_losses`'s (total, nt-xent, clone,
+    feature)."""
+    losses = medic_step_losses(student, teacher, views, stats, cfg, taps, entropies)
+    opt.zero_grad(set_to_none=True)
+    losses[0].backward()
+    opt.step()
+    return losses
+
+
 @register_defense("medic", config=MedicConfig,
                   summary="clone the suspect into a random-init student, weighting layers by importance (MEDIC)",
                   profiles={"tiny": {"epochs": 12}, "ci": {"epochs": 3}}, budget=("epochs",))
@@ -241,7 +274,7 @@ def medic(encoder, clean, cfg: MedicConfig, ctx):
     batch_size = min(cfg.batch_size, len(images))
     try:
         stats = teacher_statistics(teacher, images, cfg, ctx, taps[0], augment)
-        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(student, cfg)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs)) if cfg.cosine else None
         history = {"loss": [], "ntxent": [], "clone": [], "feature": []}
         entropy = {"activation": [], "gradient": []}
@@ -252,10 +285,7 @@ def medic(encoder, clean, cfg: MedicConfig, ctx):
                 x = to_float(images[idx], device)
                 views = torch.cat([augment(x), augment(x)])
                 ent = [] if i == 0 else None  # softmax entropies on the first batch of each epoch
-                losses = medic_step_losses(student, teacher, views, stats, cfg, taps, ent)
-                opt.zero_grad(set_to_none=True)
-                losses[0].backward()
-                opt.step()
+                losses = step(student, teacher, views, stats, cfg, taps, opt, ent)
                 totals += torch.tensor([v.item() for v in losses])
                 if ent:
                     entropy["activation"].append(ent[0][0])

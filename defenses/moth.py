@@ -22,7 +22,7 @@ from ..encoders import Encoder, frozen_copy, to_float
 from ..encoders.augment import SimCLRAugment
 from ..encoders.simclr import nt_xent
 from .base import register_defense
-from .decree import _from_tanh_space, _to_tanh_space, stamp
+from .decree import EPS, _from_tanh_space, stamp
 
 # The reference hardens for 2 epochs over CIFAR-10's 50,000 training images at batch 128 (391
 # batches an epoch, the last one partial). The defender's clean set is far smaller, so ``paper``
@@ -129,13 +129,18 @@ def invert_triggers(model: Encoder, images: torch.Tensor, direction: torch.Tenso
     ``cost_d |m_d|_1``; one Adam update per batch. After each step, a direction
     whose batches reached their target (nearest centroid) at a mean rate >=
     ``bound`` with a smaller mean |m|_1 than its best keeps the last batch's
-    trigger as its best and restarts from it plus uniform noise; its cost grows
+    trigger as its best and restarts from it plus uniform noise, clipped to
+    [0, 1] (a value clipped to 0 or 1 stays pinned there: :func:`_to_tanh_space`),
+    while every other direction restarts from the last batch's trigger, i.e. loses
+    its last Adam update (both as the reference's ``TriggerCombo``); its cost grows
     x1.5 after ``cost_patience`` successful steps in a row and shrinks /1.5^1.5
     after as many failures. ``model`` is used as it is (eval mode, parameter
     gradients off meanwhile). Returns per direction ``{"mask", "pattern",
     "size"}`` (CPU tensors, size = |m|_1) or None when no step succeeded.
-    ``history``, when given, receives per step and direction ``(success
-    rate, mean |m|_1, best |m|_1 so far or None)``.
+    ``history``, when given, receives per step a list over directions of
+    ``{"rate", "mean_size", "best_size" (None before a success), "cost",
+    "raw_mask", "raw_pattern"}``, the last two the (tanh-space) trigger the
+    next step starts from.
     """
     device = ctx.device
     n_dir = len(targets)
@@ -200,24 +205,45 @@ def invert_triggers(model: Encoder, images: torch.Tensor, direction: torch.Tenso
                                "mean_size": mean_size[d].item()}
                     if cfg.restart_noise:  # restart from the new best, slightly perturbed
                         eps = cfg.restart_noise
-                        noisy_m = best[d]["mask"] + (torch.rand(h, w, generator=ctx.generator) * 2 - 1) * eps
-                        noisy_p = best[d]["pattern"] + (torch.rand(3, h, w, generator=ctx.generator) * 2 - 1) * eps
+                        noisy_m = best[d]["mask"] + _restart_noise((h, w), eps, ctx.generator)
+                        noisy_p = best[d]["pattern"] + _restart_noise((3, h, w), eps, ctx.generator)
+                        # as TriggerCombo.generate, every direction is re-encoded: d from its noisy best, the
+                        # others from the pass's last-batch trigger (which undoes their last Adam step)
+                        starts_m = [noisy_m if e == d else mask[e].detach().cpu() for e in range(n_dir)]
+                        starts_p = [noisy_p if e == d else pattern[e].detach().cpu() for e in range(n_dir)]
                         with torch.no_grad():
-                            raw_mask[d].copy_(_to_tanh_space(noisy_m.clamp(0, 1)).to(device))
-                            raw_pattern[d].copy_(_to_tanh_space(noisy_p.clamp(0, 1)).to(device))
+                            raw_mask.copy_(_to_tanh_space(torch.stack(starts_m)).to(device))
+                            raw_pattern.copy_(_to_tanh_space(torch.stack(starts_p)).to(device))
                 up[d], down[d] = (up[d] + 1, 0) if ok else (0, down[d] + 1)
                 if up[d] >= cfg.cost_patience:
                     up[d], costs[d] = 0, (costs[d] * 1.5 if costs[d] > 0 else cost)
                 elif down[d] >= cfg.cost_patience:
                     down[d], costs[d] = 0, costs[d] / 1.5 ** 1.5
             if history is not None:
-                history.append([(rate[d].item(), mean_size[d].item(), best[d]["mean_size"] if best[d] else None)
-                                for d in range(n_dir)])
+                history.append([{"rate": rate[d].item(), "mean_size": mean_size[d].item(),
+                                 "best_size": best[d]["mean_size"] if best[d] else None, "cost": costs[d],
+                                 "raw_mask": raw_mask[d].detach().cpu().clone(),
+                                 "raw_pattern": raw_pattern[d].detach().cpu().clone()} for d in range(n_dir)])
     for found in best:
         if found is not None:
             del found["mean_size"]
             found["size"] = found["mask"].sum().item()
     return best
+
+
+def _to_tanh_space(values: torch.Tensor) -> torch.Tensor:
+    """MOTH's inverse of the tanh parametrisation: ``atanh((clip(v, 0, 1) - 0.5) (2 - 1e-7))``.
+
+    A value clipped to 0 or 1 lands at |raw| ~ 8.66, where tanh is flat: the pixel stays pinned there
+    (the reference's restart pins the near-zero pixels of a sparse mask this way). DECREE's version
+    clamps to [1e-4, 1 - 1e-4] first, which keeps such pixels movable; MOTH's reference does not.
+    """
+    return torch.atanh((values.clamp(0, 1) - 0.5) * (2 - EPS))
+
+
+def _restart_noise(shape: tuple[int, ...], eps: float, generator: torch.Generator) -> torch.Tensor:
+    """U(-eps, eps) noise added to a new best trigger before the inversion restarts from it."""
+    return (torch.rand(shape, generator=generator) * 2 - 1) * eps
 
 
 # ----------------------------------------------------------------- pair schedule

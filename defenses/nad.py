@@ -90,6 +90,31 @@ def make_optimizer(model: Encoder, cfg: NADConfig) -> torch.optim.SGD:
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
+def step(student: Encoder, teacher: Encoder | None, views: torch.Tensor, cfg: NADConfig,
+         opt: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One update of ``student`` on stacked views (2B images: both views of B images).
+
+    Loss: NT-Xent of the two views' projections, plus ``sum_l beta_l AT_l`` against the frozen
+    ``teacher`` when one is given (the teacher's stages under ``no_grad``); one backward, one
+    optimiser step. Returns (NT-Xent, weighted attention total, unweighted per-stage attention
+    terms) for the caller's records. The reference-trace test (tests/reference/test_nad.py) drives it.
+    """
+    s = student.stages(views)
+    z = student.head(s["feature"])
+    l_con = nt_xent(*z.chunk(2), temperature=cfg.temperature)
+    l_at, terms = torch.zeros((), device=views.device), []
+    if teacher is not None:
+        with torch.no_grad():
+            t = teacher.stages(views)
+        terms = attention_terms(s, t, cfg)
+        l_at = sum(b * term for b, term in zip(cfg.betas, terms))
+    loss = l_con + l_at
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return l_con, l_at, terms
+
+
 def train(student: Encoder, teacher: Encoder | None, clean, cfg: NADConfig, ctx, epochs: int,
           desc: str = "nad") -> dict[str, list]:
     """NAD's training loop on ``student`` in place: NT-Xent, plus the attention term when a teacher is given.
@@ -116,20 +141,7 @@ def train(student: Encoder, teacher: Encoder | None, clean, cfg: NADConfig, ctx,
         batches = ctx.batches(len(images), batch_size)
         for idx in batches:
             x = to_float(images[idx], device)
-            views = torch.cat([augment(x), augment(x)])
-            s = student.stages(views)
-            z = student.head(s["feature"])
-            l_con = nt_xent(*z.chunk(2), temperature=cfg.temperature)
-            l_at, terms = torch.zeros((), device=device), []
-            if teacher is not None:
-                with torch.no_grad():
-                    t = teacher.stages(views)
-                terms = attention_terms(s, t, cfg)
-                l_at = sum(b * term for b, term in zip(cfg.betas, terms))
-            loss = l_con + l_at
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            l_con, l_at, terms = step(student, teacher, torch.cat([augment(x), augment(x)]), cfg, opt)
             sums += torch.tensor([l_at.item(), l_con.item(), *[term.item() for term in terms]])
         mean = (sums / max(1, len(batches))).tolist()
         history["nt_xent"].append(mean[1])

@@ -31,14 +31,17 @@ def test_taps_hook_the_main_path_once_and_collect_only_when_asked():
     encoder = build_encoder(width=8).eval()
     # the reference hooks no shortcut conv: conv1 + 16 block convs (the 3 downsample convs are left out)
     conv = medic_module.hook_sites(encoder, "conv")
-    assert len(conv) == 17 and all(consumer is None for _, consumer in conv)
+    assert len(conv) == 17 and all(source is None for _, source in conv)
     names = {m: n for n, m in encoder.backbone.named_modules()}
     assert not any("downsample" in names[m] for m, _ in conv)
     sites = medic_module.hook_sites(encoder, "conv+bn")  # the paper default: conv and BN outputs, 17 + 17
     assert len(sites) == 34
-    # BN -> ReLU sites (stem bn1 -> layer1[0], each block's bn1 -> its conv2) compare after the ReLU
-    assert {(names[m], names[c]) for m, c in sites if c is not None} == \
-        {("bn1", "layer1.0")} | {(f"layer{i}.{j}.bn1", f"layer{i}.{j}.conv2") for i in range(1, 5) for j in (0, 1)}
+    # BN sites compare where the reference's in-place ops leave them: stem bn1 -> ReLU -> input of layer1[0],
+    # a block's bn1 -> ReLU -> input of its conv2, a block's bn2 -> += identity -> ReLU -> the block's output
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
+    assert {(names[m], names[s[0]], s[1]) for m, s in sites if s is not None} == \
+        {("bn1", "layer1.0", "input")} | {(f"{b}.bn1", f"{b}.conv2", "input") for b in blocks} | \
+        {(f"{b}.bn2", b, "output") for b in blocks}
     tap = medic_module.ActivationTap(sites)
     x = torch.rand(2, 3, 32, 32)
     encoder.features(x)
@@ -46,12 +49,14 @@ def test_taps_hook_the_main_path_once_and_collect_only_when_asked():
     for _ in range(2):  # the same hooks serve every batch
         stat, value, feature = medic_module.activations(encoder, x, "conv+bn", tap)
         assert len(stat) == len(value) == 34 and stat[0].shape == (2, 8, 32, 32) and feature.shape == (2, 64)
-        for (module, consumer), h, v in zip(sites, stat, value):
-            if consumer is None:
+        for (module, source), h, v in zip(sites, stat, value):
+            if source is None:
                 assert v is h
-            else:
+            elif source[1] == "input":
                 assert torch.equal(v, torch.relu(h)) and (h < 0).any()
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in encoder.modules()) == 34 + 9
+            else:  # the block output relu(bn2 + shortcut): not relu(bn2) alone
+                assert v.shape == h.shape and (v >= 0).all() and not torch.equal(v, torch.relu(h))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in encoder.modules()) == 34 + 9 + 8
     tap.remove()
     assert _no_hooks(encoder) and all(not m._forward_pre_hooks for m in encoder.modules())
     no_relu = medic_module.hook_sites(encoder, "conv+bn", bn_after_relu=False)
@@ -141,20 +146,24 @@ def test_teacher_loss_is_a_batch_mean_and_sum_scales_it_by_the_view_count():
 
 def test_bn_sites_take_the_gradient_after_the_relu_unmasked():
     """The reference's in-place ReLU: the gradient at a BN site is the one w.r.t. the ReLU output, so it is
-    nonzero where the BN output is negative; the compared value is the ReLU output."""
+    nonzero where the ReLU output is 0; the compared value is the ReLU output (of the BN, or for a block's bn2
+    of the block, after ``+= identity``)."""
     torch.manual_seed(0)
     teacher = frozen_copy(build_encoder(width=8))
     cfg = medic_module.MedicConfig()
-    tap = medic_module.ActivationTap(medic_module.hook_sites(teacher, "conv+bn"))
+    sites = medic_module.hook_sites(teacher, "conv+bn")
+    tap = medic_module.ActivationTap(sites)
     x = torch.rand(4, 3, 32, 32).requires_grad_(True)
     stat, value, feature = medic_module.activations(teacher, x, "conv+bn", tap)
     grads = torch.autograd.grad(medic_module.teacher_loss(teacher, feature, cfg), value)
     after = [i for i, (h, v) in enumerate(zip(stat, value)) if v is not h]
-    assert len(after) == 9
+    assert len(after) == 17 and sum(sites[i][1][1] == "input" for i in after) == 9
     for i in after:
-        negative = stat[i] < 0
-        assert torch.equal(value[i][negative], torch.zeros_like(value[i][negative]))
-        assert grads[i][negative].abs().sum() > 0  # a pre-ReLU gradient would be exactly 0 here
+        dead = value[i] == 0
+        assert (value[i] >= 0).all() and dead.any()
+        if sites[i][1][1] == "input":
+            assert torch.equal(dead, stat[i] <= 0)
+        assert grads[i][dead].abs().sum() > 0  # a pre-ReLU gradient would be exactly 0 here
     tap.remove()
 
 
@@ -177,14 +186,17 @@ def test_statistics_average_per_batch_means_and_unbiased_variances_over_one_pass
     with torch.no_grad():
         outs = [teacher.stages(b.float() / 255)["layer1"].double() for b in batches]
     sizes = torch.tensor([4.0, 4.0, 2.0], dtype=torch.float64)
-    mean = sum(o.mean((0, 2, 3)) * s for o, s in zip(outs, sizes)) / sizes.sum()
-    var = sum(o.var((0, 2, 3), unbiased=True) * s for o, s in zip(outs, sizes)) / sizes.sum()
+    # the reference's Norm("exact") buffers start at running_var = 1, cnt = 1e-5
+    count = sizes.sum() + 1e-5
+    mean = sum(o.mean((0, 2, 3)) * s for o, s in zip(outs, sizes)) / count
+    var = (1 + sum(o.var((0, 2, 3), unbiased=True) * s for o, s in zip(outs, sizes))) / count
     assert torch.allclose(stats[0][0].flatten().double(), mean, atol=1e-5)
     assert torch.allclose(stats[0][1].flatten().double(), var.sqrt(), atol=1e-5)
     # capped at stat_batches: only the first batch
     first = medic_module.teacher_statistics(teacher, images, medic_module.MedicConfig(
         batch_size=4, layers="stages", stat_batches=1), _Ctx(), None, identity)
     assert torch.allclose(first[0][0].flatten().double(), outs[0].mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(first[0][1].flatten().double(), ((1 + 4 * outs[0].var((0, 2, 3))) / 4).sqrt(), atol=1e-5)
 
 
 def test_every_batch_is_used_and_the_cosine_steps_once_per_epoch(monkeypatch, clean_data, ctx):
