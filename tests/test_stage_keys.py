@@ -37,7 +37,7 @@ PINNED = {  # (key with code versions fixed, seed identity), computed before the
     "dede, tiny|attack": ("2bc6bb48b4a7e21e04f59462", "74cb4d1413cbd6b1848c5811"),
     "dede, tiny|pretrain": ("1aad9207572f3b7f06c50f27", "690996350f3d1c36d4cee6d5"),
     "mimic, --set defense.mimic.lr=0.01|evaluate": ("5fdadf3e41cd024387da5aac", "616af42329b3937a69d9f077"),
-    "mimic, --set defense.mimic.lr=0.01|defend": ("8d642b7f8a03e326e0921edd", "9917eea11c8dca6ee91e1225"),  # mi_source=student
+    "mimic, --set defense.mimic.lr=0.01|defend": ("8d642b7f8a03e326e0921edd", "9917eea11c8dca6ee91e1225"),
     "mimic, --set defense.mimic.lr=0.01|attack": ("812e53654c29f33c371db5a9", "8226786103d24cd7b0873ebe"),
     "mimic, --set defense.mimic.lr=0.01|pretrain": ("10a33df27fda0718dcb750a5", "052d10dd3f066dc9d62b7950"),
 }

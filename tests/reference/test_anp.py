@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-import _classic_common as C
+from . import _classic_common as C
 from defbench.defenses import anp
 
 RTOL, SPREAD = 1e-5, 10.0

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import _classic_common as C
+from . import _classic_common as C
 from defbench.defenses import moth
 from defbench.encoders import RunContext
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-import _classic_common as C
+from . import _classic_common as C
 from defbench.defenses import nad
 from defbench.defenses.losses import attention_map
 from defbench.encoders import frozen_copy
