@@ -14,8 +14,8 @@ On the defender's clean set only:
    ``lambda0*L0 + lambda1*L1 + lambda2*sum_l beta_l*AT_l``, ``L0 = -mean cos(f_S(v1), f_T(v1))``,
    ``L1 = NT-Xent(g_S(v1), g_S(v2))``, ``AT_l`` the attention loss of ``defenses/losses.py`` in the
    form ``attention_form`` ("code": the authors' MSE, default; "eq6": the paper's Eq. 6).
-   Both student views go through one forward pass; the teacher runs once on ``v1``
-   (``distill_input="clean"``: on the un-augmented image).
+   The student runs once per view (each view its own BatchNorm batch, as the reference); the teacher runs
+   once on ``v1`` (``distill_input="clean"``: on the un-augmented image).
 
 Records ``mi``, ``mi_raw``, ``beta``, ``loss_history`` (per epoch [L0, L1, L2], null for a term switched
 off) and ``seconds``.
@@ -143,42 +143,37 @@ def uniform_weights(layers, alpha0: float, alpha1: float) -> dict[str, float]:
 def mimic_loss(student: Encoder, teacher: Encoder, v1: torch.Tensor, v2: torch.Tensor,
                beta: dict[str, float], cfg: MIMICConfig, x: torch.Tensor | None = None):
     """One step's loss. Returns (total, parts) with parts = {"l0", "l1", "l2", "at_<layer>"} (detached;
-    ``l2`` is the beta-weighted attention sum, absent terms are missing). The student runs once on
-    the concatenation of the inputs it needs, the teacher once (no grad) on the distillation input."""
-    b = len(v1)
+    ``l2`` is the beta-weighted attention sum, absent terms are missing). The student runs once per input it
+    needs, so in train mode each view is its own BatchNorm batch (the reference's ``snet(im_1)``,
+    ``snet(im_2)``; one pass over both views would normalise over 2B images); the teacher runs once (no grad)
+    on the distillation input."""
     needs_teacher = cfg.use_clone or cfg.use_attention
     on_clean = cfg.distill_input == "clean" and needs_teacher
     if on_clean and x is None:
         raise ValueError("distill_input='clean' needs the un-augmented batch x")
-    pieces: list[tuple[str, torch.Tensor]] = []
-    if on_clean:
-        pieces.append(("x", x))
-    if cfg.use_contrastive or (needs_teacher and not on_clean):
-        pieces.append(("v1", v1))
-    if cfg.use_contrastive:
-        pieces.append(("v2", v2))
-    where = {name: slice(i * b, (i + 1) * b) for i, (name, _) in enumerate(pieces)}
-    s = student.stages(torch.cat([t for _, t in pieces]) if len(pieces) > 1 else pieces[0][1])
+    inputs = {"x": x, "v1": v1, "v2": v2}
+    names = (["x"] if on_clean else []) + (["v1"] if cfg.use_contrastive or (needs_teacher and not on_clean) else [])
+    names += ["v2"] if cfg.use_contrastive else []
+    s = {name: student.stages(inputs[name]) for name in names}
 
     total = v1.new_zeros(())
     parts: dict[str, torch.Tensor] = {}
     if cfg.use_contrastive:
-        z1, z2 = student.head(s["feature"][where["v1"].start:where["v2"].stop]).chunk(2)
-        l1 = nt_xent(z1, z2, cfg.temperature)
+        l1 = nt_xent(student.head(s["v1"]["feature"]), student.head(s["v2"]["feature"]), cfg.temperature)
         total = total + cfg.lambda1 * l1
         parts["l1"] = l1.detach()
     if needs_teacher:
-        d = where["x" if on_clean else "v1"]
+        d = s["x" if on_clean else "v1"]
         with torch.no_grad():
             t = teacher.stages(x if on_clean else v1)
         if cfg.use_clone:
-            l0 = -F.cosine_similarity(s["feature"][d], t["feature"], dim=1).mean()
+            l0 = -F.cosine_similarity(d["feature"], t["feature"], dim=1).mean()
             total = total + cfg.lambda0 * l0
             parts["l0"] = l0.detach()
         if cfg.use_attention:
             l2 = v1.new_zeros(())
             for name, weight in beta.items():
-                at = attention_loss(s[name][d], t[name], cfg.p, cfg.attention_form)
+                at = attention_loss(d[name], t[name], cfg.p, cfg.attention_form)
                 l2 = l2 + weight * at
                 parts[f"at_{name}"] = at.detach()
             total = total + cfg.lambda2 * l2

@@ -294,6 +294,20 @@ def test_loss_terms_match_their_definitions(loss_setup, distill_input):
                                          + 2.0 * exp["l2"].item(), rel=1e-4)
 
 
+def test_each_view_is_its_own_batchnorm_batch_in_training(loss_setup):
+    """As the reference's ``snet(im_1)``, ``snet(im_2)``: in train mode the contrastive term sees each view
+    normalised over its own B images, not over the 2B of a joint pass (which gives a different value)."""
+    _, teacher, v1, v2, _, beta = loss_setup
+    student = build_encoder(width=8).train()
+    cfg = MIMICConfig(use_clone=False, use_attention=False)
+    _, parts = mimic_loss(student, teacher, v1, v2, beta, cfg)
+    with torch.no_grad():
+        per_view = mimic_mod.nt_xent(student.project(v1), student.project(v2), cfg.temperature)
+        joint = mimic_mod.nt_xent(*student.project(torch.cat([v1, v2])).chunk(2), cfg.temperature)
+    assert parts["l1"].item() == pytest.approx(per_view.item(), rel=1e-5)
+    assert abs(joint.item() - per_view.item()) > 1e-3
+
+
 @pytest.mark.parametrize("switch,term,weight", [("use_clone", "l0", "lambda0"),
                                                 ("use_contrastive", "l1", "lambda1"),
                                                 ("use_attention", "l2", "lambda2")])
