@@ -181,6 +181,11 @@ def mimic_loss(student: Encoder, teacher: Encoder, v1: torch.Tensor, v2: torch.T
     return total, parts
 
 
+def distill_optimizer(student: Encoder, cfg: MIMICConfig) -> torch.optim.Optimizer:
+    """Adam over every parameter of the student (backbone and head), as the reference."""
+    return torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 @contextlib.contextmanager
 def _forked_rng(device: torch.device):
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -194,7 +199,7 @@ def distill(student: Encoder, teacher: Encoder, images: torch.Tensor, beta: dict
     a NaN there would read as a diverged training)."""
     student.train()
     teacher.eval()
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = distill_optimizer(student, cfg)
     augment = SimCLRAugment()
     batch_size = min(cfg.batch_size, len(images))
     history = []
