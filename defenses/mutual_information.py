@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MINEConfig", "MINEResult", "StatisticsNetwork", "dv_bound", "estimate_mi"]
+__all__ = ["MINEConfig", "MINEResult", "StatisticsNetwork", "dv_bound", "estimate_mi", "mine_bound", "mine_network",
+           "mine_step"]
 
 
 def mine_input(fmap: torch.Tensor, pool: int = 0) -> torch.Tensor:
@@ -115,6 +116,30 @@ def _perm(n: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randperm(n, generator=generator).to(device)
 
 
+def mine_network(a_dim: int, z_dim: int, cfg: MINEConfig,
+                 device=None) -> tuple[StatisticsNetwork, torch.optim.Optimizer]:
+    """A fresh statistics network (global torch RNG) and its Adam optimiser (the reference's settings)."""
+    net = StatisticsNetwork(a_dim, z_dim, cfg.hidden).to(device)
+    return net, torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def mine_step(net: StatisticsNetwork, opt: torch.optim.Optimizer, a: torch.Tensor, z: torch.Tensor,
+              perm: torch.Tensor) -> torch.Tensor:
+    """One ascent step on the DV bound of the batch ``(a, z)`` with marginal pairs ``(a_i, z_perm(i))``;
+    returns the bound before the step (detached)."""
+    bound = dv_bound(*net.joint_and_marginal(a, z, perm))
+    opt.zero_grad(set_to_none=True)
+    (-bound).backward()
+    opt.step()
+    return bound.detach()
+
+
+@torch.no_grad()
+def mine_bound(net: StatisticsNetwork, a: torch.Tensor, z: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The DV bound of one batch without training (an epoch's estimate averages these)."""
+    return dv_bound(*net.joint_and_marginal(a, z, perm))
+
+
 def estimate_mi(a: torch.Tensor, z: torch.Tensor, cfg: MINEConfig | None = None,
                 generator: torch.Generator | None = None, progress=None, desc: str = "mine") -> MINEResult:
     """Train a fresh statistics network on the pairs (a[i], z[i]) and return the DV estimate (nats).
@@ -134,8 +159,7 @@ def estimate_mi(a: torch.Tensor, z: torch.Tensor, cfg: MINEConfig | None = None,
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     a, z = a.detach().float(), z.detach().float()
     device = a.device
-    net = StatisticsNetwork(a.shape[1], z.shape[1], cfg.hidden).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net, opt = mine_network(a.shape[1], z.shape[1], cfg, device)
     batch_size = max(2, min(cfg.batch_size, len(a)))
     epochs = range(cfg.epochs)
     if progress is not None:
@@ -145,17 +169,10 @@ def estimate_mi(a: torch.Tensor, z: torch.Tensor, cfg: MINEConfig | None = None,
         train_values = []
         for idx in _batches(len(a), batch_size, generator):
             idx = idx.to(device)
-            t_joint, t_marg = net.joint_and_marginal(a[idx], z[idx], _perm(len(idx), generator, device))
-            bound = dv_bound(t_joint, t_marg)
-            opt.zero_grad(set_to_none=True)
-            (-bound).backward()
-            opt.step()
-            train_values.append(bound.detach())
+            train_values.append(mine_step(net, opt, a[idx], z[idx], _perm(len(idx), generator, device)))
         if cfg.eval_pass:
-            with torch.no_grad():
-                values = [dv_bound(*net.joint_and_marginal(a[idx.to(device)], z[idx.to(device)],
-                                                           _perm(len(idx), generator, device)))
-                          for idx in _batches(len(a), batch_size, generator)]
+            values = [mine_bound(net, a[idx.to(device)], z[idx.to(device)], _perm(len(idx), generator, device))
+                      for idx in _batches(len(a), batch_size, generator)]
         else:
             values = train_values
         history.append(torch.stack(values).mean().item())
