@@ -1,10 +1,10 @@
 # Two commands do everything on a fresh machine:
-#   make demo   create .venv, install, run one benchmark cell on the embedded data
+#   make demo   create .venv, install, compute one small benchmark cell on the embedded data (`defbench demo`)
 #   make test   create .venv, install, run the tests
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# PROFILE: demo and bench default to tiny; table1 and ablations to paper (PROFILE=tiny on a CPU)
+# PROFILE: demo defaults to ci, bench to tiny; table1 and ablations to paper (PROFILE=tiny on a CPU)
 PROFILE ?=
 STAMP   := $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/defbench run --attack badencoder --defense ft --profile $(or $(PROFILE),tiny)
+	$(BIN)/defbench demo --profile $(or $(PROFILE),ci)
 
 test: $(STAMP)
 	$(BIN)/ruff check --quiet .
