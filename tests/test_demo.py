@@ -92,3 +92,27 @@ def test_a_timing_record_needs_a_run_that_computed_everything(tmp_path):
     with pytest.raises(UserError, match="empty folder"):
         demo.record_timings(path, prof, [Outcome(stage, "cached")], threads=2, data_seconds=1.0)
 
+
+
+def test_each_stage_is_announced_with_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    """run_grid tells the reporter before and after each stage; a shipped stage is said to be shipped, a stage
+    to compute names its recorded time."""
+    monkeypatch.setenv("DEFBENCH_HOME", str(tmp_path))
+    from defbench.benchmark.commands.common import open_env
+    from defbench.benchmark.pipeline.scheduler import run_grid
+    prof, stage = load_profile("ci"), _clean_stage()
+    env = open_env(prof, "cpu", None)
+    assert demo.install_shipped(stage, env)
+    calls = []
+    reporter = demo.StageReporter(env, {stage.label: 100.0}, threads=2, shipped={stage.key})
+    outcomes = run_grid([stage], env, show_progress=False,
+                        on_stage=lambda *args: (calls.append(args[1:3] + (args[3] is None,)), reporter(*args)))
+    assert [o.status for o in outcomes] == ["cached"] and calls == [(1, 1, True), (1, 1, False)]
+    said = capsys.readouterr().err
+    assert f"[1/1] {stage.label}: loaded: shipped with defbench" in said and "computing" not in said
+
+    for expected, plan in (({stage.label: 100.0}, "computing now, expected ~2 min on 2 CPU threads"),
+                           ({}, "computing now (no expected time recorded for this stage)")):
+        computing = demo.StageReporter(env, expected, threads=2)
+        computing.cached[stage.key] = False  # as the reporter finds a stage the store lacks
+        assert computing._plan(stage) == plan
