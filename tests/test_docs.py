@@ -47,6 +47,12 @@ def test_every_registered_method_has_a_parity_page_with_a_parity_table(kind, nam
     assert len(table_rows) >= 2, f"{page.name}: no markdown table row (a header and at least one row)"
 
 
+@pytest.mark.parametrize("kind,name", _cases())
+def test_the_methods_index_links_every_parity_page(kind, name):
+    assert f"]({name}.md)" in (METHODS_DIR / "README.md").read_text(encoding="utf-8"), \
+        f"docs/methods/README.md does not list the {kind} {name!r}: add a row linking {name}.md"
+
+
 def test_the_exempt_names_are_registered():
     registered = {("attack", n) for n in ATTACKS.names()} | {("defense", n) for n in DEFENSES.names()}
     assert NOT_METHODS <= registered, NOT_METHODS - registered
