@@ -193,6 +193,7 @@ def demo(defense, profile, device, write_timings, ship_clean_encoder):
     check_datasets(prof, env, pretrain, [task], {task: stages["undefended"].spec["target"]},
                    clean_set=defense != "none")
     data_seconds = time.perf_counter() - started
+    say(f"      done in {duration(data_seconds)[1:]}")
     clean = pretrain_stage(prof, pretrain)
     # a maintainer's recording run computes every stage; otherwise the shipped clean encoder is used when current
     shipped = set()
