@@ -9,9 +9,9 @@ loaded, and the scale the numbers come from.
 
 The clean encoder (the longest stage after the attack) ships with defbench: ``benchmark/data/demo_clean_encoder``
 is the ``ci`` pre-training artifact exactly as the store keeps it, under its stage key. When today's code plans
-that key, the demo puts it into the store and says it was shipped, not computed; when the code has moved on (the
-key differs), the demo computes the encoder like any other stage. ``tests/test_demo.py`` fails when the shipped
-key is stale.
+that key, the demo puts it into the store and says it was shipped, not computed; when the key differs (the code
+has moved on, or another profile or other settings were asked for), the demo computes the encoder like any other
+stage. ``tests/test_demo.py`` fails when the shipped key is stale.
 """
 from __future__ import annotations
 
@@ -202,7 +202,8 @@ def demo(defense, profile, device, write_timings, ship_clean_encoder):
         if from_shipped(clean, env):
             shipped.add(clean.key)
         elif shipped_key() not in (None, clean.key) and not env.store.exists(clean.kind, clean.key):
-            say("The clean encoder shipped with defbench is from other code (its stage key differs): computing it.")
+            say("The clean encoder shipped with defbench is not this cell's (its stage key differs: another profile, "
+                "other settings or changed code): computing it.")
     results, outcomes = run_cell(prof, env, attack, defense, pretrain, {task: stages},
                                  on_stage=StageReporter(env, expected, threads, shipped))
     click.echo(format_cell_table(results, prof, attack, defense, pretrain, outcomes))
