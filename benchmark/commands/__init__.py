@@ -13,6 +13,7 @@ from .clean import clean
 from .common import fail
 from .config import config
 from .defend import defend
+from .demo import demo
 from .detect import detect
 from .evaluate import evaluate
 from .golden import golden
@@ -66,7 +67,8 @@ def main():
     """defbench: backdoor defenses for self-supervised image encoders, compared on one footing."""
 
 
-for _command in (run, grid, table, report, golden, config, defend, evaluate, detect, check_data, clean, list_, zoo):
+for _command in (demo, run, grid, table, report, golden, config, defend, evaluate, detect, check_data, clean, list_,
+                 zoo):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -93,9 +93,10 @@ def _fmt_record(value) -> str:
 
 
 def run_cell(profile: Profile, env: Env, attack: str, defense: str, pretrain: str,
-             per_task: dict[str, dict]) -> tuple[list[dict], list[Outcome]]:
-    """Run the planned stages of one cell (``per_task``: task -> role -> evaluate stage); one row per task."""
-    outcomes = run_grid([s for stages in per_task.values() for s in stages.values()], env)
+             per_task: dict[str, dict], on_stage=None) -> tuple[list[dict], list[Outcome]]:
+    """Run the planned stages of one cell (``per_task``: task -> role -> evaluate stage); one row per task.
+    ``on_stage``: told before and after each stage (``run_grid``)."""
+    outcomes = run_grid([s for stages in per_task.values() for s in stages.values()], env, on_stage=on_stage)
     elapsed = {o.stage.key: o.seconds for o in outcomes if o.status == "ran"}
     charged: set[str] = set()  # a stage shared by several tasks is charged to the first
     results = []

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -236,13 +237,23 @@ class _Scheduler:
 
 def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: int = 1,
              show_progress: bool | None = None, submitit_folder: Path | None = None,
-             slurm: dict | None = None) -> list[Outcome]:
+             slurm: dict | None = None, on_stage: Callable[[Stage, int, int, Outcome | None], None] | None = None
+             ) -> list[Outcome]:
+    """Run ``stages`` and their inputs. ``on_stage`` (in-process executor only) is told about each stage twice:
+    before it runs (outcome None) and after (its outcome), with its position and the total, so a caller can say
+    which stage runs and how long it should take (``defbench demo``)."""
     show = progress_enabled() if show_progress is None else show_progress
     sched = _Scheduler(stages, show)
     if executor == "local" and workers <= 1:
         while (stage := sched.next_ready()) is not None:
             sched.bar.set_description(f"grid: {stage.label}"[:60])
-            sched.finish(run_one(stage, env))
+            position = len(sched.done) + 1
+            if on_stage:
+                on_stage(stage, position, sched.total, None)
+            outcome = run_one(stage, env)
+            sched.finish(outcome)
+            if on_stage:
+                on_stage(stage, position, sched.total, outcome)
     elif executor == "local":
         _run_pool(sched, env, workers)
     elif executor in ("submitit", "submitit-local"):
