@@ -230,7 +230,8 @@ def group_page(group: Group, figures: dict[str, str]) -> str:
              ranking_section(group, group.asr, figures["asr"]), "",
              ranking_section(group, group.acc, figures["acc"]), "", "## Every seed", "",
              "Each point is one seed's value; a cell whose seeds split into far-apart groups shows it here, "
-             "not in its mean ± sd.", "", f"![seeds per cell]({figures['seeds']})", ""]
+             "not in its mean ± sd.", "", f"![seeds per cell]({figures['seeds']})" if has_attacked_rows(group)
+             else "No attacked encoder in this group yet: nothing to plot.", ""]
     return "\n".join(parts)
 
 
@@ -248,9 +249,16 @@ def cd_figure(comparison: stats.Comparison, title: str) -> plt.Figure | None:
     return fig
 
 
-def seeds_figure(group: Group) -> plt.Figure:
+def has_attacked_rows(group: Group) -> bool:
+    """Whether the group holds an undefended or defended row (the seeds figure plots only those)."""
+    return bool(group.rows.role.isin(["undefended", "defended"]).any())
+
+
+def seeds_figure(group: Group) -> plt.Figure | None:
     """Every seed's ASR and ACC per column and task (a strip plot: bimodal cells stay visible)."""
     rows = group.rows[group.rows.role.isin(["undefended", "defended"])]
+    if not has_attacked_rows(group):  # only clean-encoder rows so far: nothing to plot
+        return None
     rows = rows.assign(column=rows.apply(lambda r: "undefended" if r.role == "undefended" else r.defense, axis=1))
     long = pd.concat([rows.assign(metric="ASR", value=rows.asr_all), rows.assign(metric="ACC", value=rows.acc)])
     grid = sns.catplot(data=long, x="column", y="value", hue="downstream", row="metric", kind="strip",
@@ -316,7 +324,9 @@ def publish(snapshot_path: Path, out_dir: Path, figures: bool = True) -> list[Pa
                 fig = cd_figure(comparison, f"{group.attack} on {group.pretrain}: {comparison.metric.upper()} ranks")
                 if fig is not None:
                     save(fig, out_dir, names[comparison.metric])
-            save(seeds_figure(group), out_dir, names["seeds"])
+            fig = seeds_figure(group)
+            if fig is not None:
+                save(fig, out_dir, names["seeds"])
         page = out_dir / f"{group.name}.md"
         page.write_text(group_page(group, {k: f"{v}.png" for k, v in names.items()}))
         written.append(page)

@@ -176,7 +176,10 @@ def test_literal_mitigation_lowers_the_trigger_similarity_only_with_the_anchor(b
         before = decree_module.trigger_similarity(suspect, images, mask, pattern, ctx)
         losses = decree_module.lower_trigger_similarity(suspect, images, mask, pattern, cfg, ctx)
         similarity[weight] = (before, decree_module.trigger_similarity(suspect, images, mask, pattern, ctx))
-        assert len(losses) == cfg.epochs and losses[-1] < losses[0], (weight, losses)  # the loss it runs falls
+        assert len(losses) == cfg.epochs, (weight, losses)
+        # the anchored loss falls; the bare sentence's own loss need not (measured rising 0.418 -> 0.579 over
+        # the two ci epochs while the encoder collapses, which moves stamped and clean embeddings together)
+        assert weight == 0.0 or losses[-1] < losses[0], (weight, losses)
         drift[weight] = decree_module.mean_cosine(suspect, images, ctx, other=reference)
         # cos between the embeddings of different clean images (each image against its neighbour in the set)
         collapse[weight] = decree_module.mean_cosine(suspect, images, ctx, transform_b=lambda x: x.roll(1, 0))
