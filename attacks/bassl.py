@@ -42,10 +42,16 @@ TINY = {"trigger_size": 12, "poison_fraction": 1.0}
                  summary="data poisoning: add triggered target-class images to the pre-training set")
 def bassl(inputs: AttackInputs, cfg: BASSLConfig, ctx):
     poison = poison_set(inputs, cfg.poison_fraction, cfg.max_poison, ctx.generator)
+    return pretrain_with_poison(inputs, poison, ctx, "bassl pre-training")
+
+
+def pretrain_with_poison(inputs: AttackInputs, poison: torch.Tensor, ctx, desc: str):
+    """SimCLR from scratch on the pre-training set with ``poison`` appended (the victim's training, which a
+    data-poisoning attack does not control); records the poison count, its share and the loss history."""
     data = torch.cat([inputs.pretrain_images, poison])
     ctx.record("n_poison", len(poison))
     ctx.record("poison_ratio", len(poison) / len(data))
     encoder = build_encoder(inputs.encoder_config).to(ctx.device)
-    history = train_simclr(encoder, data, inputs.pretrain_recipe, ctx, desc="bassl pre-training")
+    history = train_simclr(encoder, data, inputs.pretrain_recipe, ctx, desc=desc)
     ctx.record("loss_history", history)
     return encoder.eval()

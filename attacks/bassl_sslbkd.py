@@ -28,9 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..encoders import build_encoder, train_simclr
 from .base import AttackInputs, register_attack
-from .bassl import poison_set
+from .bassl import poison_set, pretrain_with_poison
 from .pretraining_sets import bassl_set, register_pretraining_set
 from .triggers import TRIGGER_TYPES
 
@@ -141,13 +140,7 @@ def poisoning_inputs(inputs: AttackInputs, cfg: SSLBackdoorConfig) -> AttackInpu
                  summary="BASSL as its authors' code: HTBA patch at random places on all target-class images")
 def bassl_sslbkd(inputs: AttackInputs, cfg: SSLBackdoorConfig, ctx):
     poison = poison_set(poisoning_inputs(inputs, cfg), cfg.poison_fraction, cfg.max_poison, ctx.generator)
-    data = torch.cat([inputs.pretrain_images, poison])
-    ctx.record("n_poison", len(poison))
-    ctx.record("poison_ratio", len(poison) / len(data))
-    encoder = build_encoder(inputs.encoder_config).to(ctx.device)
-    history = train_simclr(encoder, data, inputs.pretrain_recipe, ctx, desc="bassl-sslbkd pre-training")
-    ctx.record("loss_history", history)
-    return encoder.eval()
+    return pretrain_with_poison(inputs, poison, ctx, "bassl-sslbkd pre-training")
 
 
 @register_pretraining_set("bassl-sslbkd")

@@ -12,7 +12,7 @@ import torch
 
 from conftest import MICRO, PRETRAIN, TASK
 from defbench.attacks import ATTACKS, AttackInputs, trigger_from_description
-from defbench.attacks import bassl_sslbkd as module
+from defbench.attacks import bassl as bassl_module
 from defbench.attacks.bassl_sslbkd import HTBATrigger
 from defbench.benchmark.pipeline.inputs import attack_inputs
 from defbench.benchmark.pipeline.plan import cell_stages
@@ -65,7 +65,7 @@ def test_every_target_image_is_poisoned_with_the_patch_at_a_random_central_place
     def fake_train(encoder, images, cfg, ctx, desc=""):
         seen["images"] = images
         return [0.0]
-    monkeypatch.setattr(module, "train_simclr", fake_train)
+    monkeypatch.setattr(bassl_module, "train_simclr", fake_train)  # the victim's training, shared with bassl
     pretrain, targets = _images(40, 1), _images(60, 2)
     component = ATTACKS.get("bassl-sslbkd")
     cfg = component.make_config("paper")
