@@ -169,7 +169,8 @@ def test_a_builder_rebuilds_the_set_its_attack_trains_on(attack, monkeypatch):
     def capture(encoder, images, cfg, ctx, desc=""):
         trained["images"] = images.clone()
         return []
-    monkeypatch.setattr(module, "train_simclr", capture)
+    owner = module if hasattr(module, "train_simclr") else bassl_module  # bassl-sslbkd trains via bassl's function
+    monkeypatch.setattr(owner, "train_simclr", capture)
     gen = torch.Generator().manual_seed(5)
     inputs = AttackInputs(encoder_config=build_encoder(width=8, channels_last=False).config,
                           pretrain_images=torch.randint(0, 256, (200, 3, 32, 32), generator=gen, dtype=torch.uint8),
