@@ -66,6 +66,8 @@ def _through_reference_mask(ours: torch.Tensor, poison: dict, where: dict, trigg
 
 
 def _same_layout(where: dict, layout: dict) -> None:
+    """The reference's canvas is defbench's (object full height, half the width) and the layout is the same."""
+    assert (layout["p_w"], layout["p_h"], layout["o_h"], layout["p_x"], layout["p_y"]) == (SIZE, SIZE, SIZE, 0, 0)
     assert (where["object_left"], where["object_x"], where["object_w"]) == (layout["r"] < 0.5, layout["o_x"],
                                                                            layout["o_w"])
     assert where["trigger_y"] == layout["t_y"]
