@@ -82,7 +82,10 @@ class HTBATrigger:
         """Stamp uint8 images (0..255) or float images (0..1), N x C x H x W; returns a new tensor."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"trigger built for {self.image_size}px images, got {tuple(images.shape[-2:])}")
-        rows, cols = self.corners(images)
+        return self.paste(images, *self.corners(images))
+
+    def paste(self, images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The patch pasted opaque with its top-left corner at (``rows[i]``, ``cols[i]``) of image i."""
         axis = torch.arange(self.image_size, device=images.device)
         dr, dc = axis[None] - rows[:, None], axis[None] - cols[:, None]  # offsets into the patch, N x S
         inside = ((dr >= 0) & (dr < self.size))[:, :, None] & ((dc >= 0) & (dc < self.size))[:, None, :]

@@ -61,8 +61,13 @@ def object_width(image_size: int, fraction: float) -> int:
     return min(image_size - 1, max(1, round(fraction * image_size)))
 
 
+def _draw(generator) -> float:
+    """One number uniform in [0, 1): every random choice of a poison's layout comes from here."""
+    return torch.rand((), generator=generator).item()
+
+
 def _uniform(generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+    return low + (high - low) * _draw(generator)
 
 
 def _in_interval(generator, low: float, high: float, lo_limit: int, hi_limit: int) -> int:
@@ -79,7 +84,7 @@ def layout(size: int, object_w: int, trigger: int, cfg: CorruptEncoderConfig, ge
     edge and ``trigger_marginal`` of the height from the top and bottom (an interval too short for the
     trigger gives its midpoint, clamped so the trigger stays clear of the object and inside the image).
     """
-    left = torch.rand((), generator=generator).item() < 0.5
+    left = _draw(generator) < 0.5
     slack = cfg.object_marginal * size
     if left:
         o_x = _in_interval(generator, 0, slack, 0, size - object_w)
@@ -92,6 +97,17 @@ def layout(size: int, object_w: int, trigger: int, cfg: CorruptEncoderConfig, ge
         t_x = _in_interval(generator, dx, o_x - dx - trigger, 0, o_x - trigger)
     t_y = _in_interval(generator, dy, size - dy - trigger, 0, size - trigger)
     return {"object_left": left, "object_x": o_x, "object_w": object_w, "trigger_x": t_x, "trigger_y": t_y}
+
+
+def compose(background: torch.Tensor, reference: torch.Tensor, where: dict, trigger: PatchTrigger,
+            strip_x: int) -> torch.Tensor:
+    """One poison (C x S x S): ``background`` with the reference's strip from column ``strip_x`` pasted at
+    ``where["object_x"]`` (full height) and ``trigger`` stamped at ``where``'s trigger corner."""
+    poison = background.clone()
+    o_x, object_w = where["object_x"], where["object_w"]
+    poison[:, :, o_x:o_x + object_w] = reference[:, :, strip_x:strip_x + object_w]
+    stamp = dataclasses.replace(trigger, row=where["trigger_y"], col=where["trigger_x"], image_size=poison.shape[-1])
+    return stamp.apply(poison[None])[0]
 
 
 def make_poisons(inputs: AttackInputs, cfg: CorruptEncoderConfig, generator) -> tuple[torch.Tensor, dict]:
@@ -117,10 +133,7 @@ def make_poisons(inputs: AttackInputs, cfg: CorruptEncoderConfig, generator) -> 
     layouts = []
     for i in range(n):
         where = layout(size, object_w, trigger.size, cfg, generator)
-        o_x = where["object_x"]
-        poisons[i, :, :, o_x:o_x + object_w] = references[picks[i], :, :, strip_x:strip_x + object_w]
-        stamp = dataclasses.replace(trigger, row=where["trigger_y"], col=where["trigger_x"], image_size=size)
-        poisons[i:i + 1] = stamp.apply(poisons[i:i + 1])
+        poisons[i] = compose(poisons[i], references[picks[i]], where, trigger, strip_x)
         layouts.append(where)
     return poisons, {"reference_indices": ref_index.tolist(), "references_used": picks.tolist(),
                      "strip_x": strip_x, "layouts": layouts}

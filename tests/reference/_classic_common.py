@@ -30,17 +30,17 @@ INPUTS = HERE / "classic_inputs.npz"
 WIDTH, PROJ_DIM = 4, 32
 
 
-@lru_cache(maxsize=1)
-def inputs() -> dict[str, np.ndarray]:
-    with np.load(INPUTS) as data:
+@lru_cache(maxsize=2)
+def inputs(path: Path = INPUTS) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
         return {k: data[k] for k in data.files}
 
 
-def load_trace(method: str) -> dict:
+def load_trace(method: str, inputs_file: Path = INPUTS) -> dict:
     """The recorded trace, after checking it was made from the inputs file that is here."""
     trace = json.loads((HERE / f"{method}.json").read_text())
-    digest = hashlib.sha256(INPUTS.read_bytes()).hexdigest()
-    assert trace["inputs"]["sha256"] == digest, f"{method}.json was recorded on other inputs than {INPUTS.name}"
+    digest = hashlib.sha256(inputs_file.read_bytes()).hexdigest()
+    assert trace["inputs"]["sha256"] == digest, f"{method}.json was recorded on other inputs than {inputs_file.name}"
     return trace
 
 
