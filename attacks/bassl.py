@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..encoders import build_encoder, train_simclr
-from .base import AttackInputs, register_attack
+from .base import AttackInputs, appended_set, register_attack
 from .triggers import TriggerSettings
 
 
@@ -38,7 +38,13 @@ def poison_set(inputs: AttackInputs, fraction: float, cap: int, generator) -> to
 TINY = {"trigger_size": 12, "poison_fraction": 1.0}
 
 
-@register_attack("bassl", config=BASSLConfig, needs_clean_encoder=False, profiles={"tiny": TINY},
+def bassl_set(inputs: AttackInputs, cfg: BASSLConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set ``bassl`` pre-trains on, rebuilt (``register_attack``'s ``pretraining_set``)."""
+    return appended_set(inputs.pretrain_images, poison_set(inputs, cfg.poison_fraction, cfg.max_poison, generator))
+
+
+@register_attack("bassl", config=BASSLConfig, needs_clean_encoder=False, pretraining_set=bassl_set,
+                 profiles={"tiny": TINY},
                  summary="data poisoning: add triggered target-class images to the pre-training set")
 def bassl(inputs: AttackInputs, cfg: BASSLConfig, ctx):
     poison = poison_set(inputs, cfg.poison_fraction, cfg.max_poison, ctx.generator)

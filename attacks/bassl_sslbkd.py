@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import AttackInputs, register_attack
-from .bassl import poison_set, pretrain_with_poison
-from .pretraining_sets import bassl_set, register_pretraining_set
+from .bassl import bassl_set, poison_set, pretrain_with_poison
 from .triggers import TRIGGER_TYPES
 
 GRID = 4  # HTBA patches: a GRID x GRID random colour image, upsampled
@@ -138,14 +137,14 @@ def poisoning_inputs(inputs: AttackInputs, cfg: SSLBackdoorConfig) -> AttackInpu
     return dataclasses.replace(inputs, trigger=dataclasses.replace(inputs.trigger, low=low, high=high))
 
 
-@register_attack("bassl-sslbkd", config=SSLBackdoorConfig, needs_clean_encoder=False,
+def bassl_sslbkd_set(inputs: AttackInputs, cfg: SSLBackdoorConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set ``bassl-sslbkd`` pre-trains on, rebuilt (``register_attack``'s ``pretraining_set``)."""
+    return bassl_set(poisoning_inputs(inputs, cfg), cfg, generator)
+
+
+@register_attack("bassl-sslbkd", config=SSLBackdoorConfig, needs_clean_encoder=False, pretraining_set=bassl_sslbkd_set,
                  profiles={"paper": {}, "tiny": {}, "ci": {}},
                  summary="BASSL as its authors' code: HTBA patch at random places on all target-class images")
 def bassl_sslbkd(inputs: AttackInputs, cfg: SSLBackdoorConfig, ctx):
     poison = poison_set(poisoning_inputs(inputs, cfg), cfg.poison_fraction, cfg.max_poison, ctx.generator)
     return pretrain_with_poison(inputs, poison, ctx, "bassl-sslbkd pre-training")
-
-
-@register_pretraining_set("bassl-sslbkd")
-def bassl_sslbkd_set(inputs: AttackInputs, cfg: SSLBackdoorConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return bassl_set(poisoning_inputs(inputs, cfg), cfg, generator)

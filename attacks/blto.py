@@ -364,7 +364,16 @@ def learn_trigger(inputs: AttackInputs, cfg: BLTOConfig, ctx, slots: torch.Tenso
 SMALL = {"gen_width": 16, "gen_blocks": 2, "reinit_every": 0}
 
 
-@register_attack("blto", config=BLTOConfig, needs_clean_encoder=False,
+def blto_set(inputs: AttackInputs, cfg: BLTOConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set ``blto`` pre-trains on, rebuilt (``register_attack``'s ``pretraining_set``); ``inputs.trigger`` is the
+    trigger the attack learned (the harness reads it from the attack's artefact)."""
+    slots, picks = poison_slots(len(inputs.pretrain_images), len(inputs.target_images), cfg.poison_ratio, generator)
+    poisoned = torch.zeros(len(inputs.pretrain_images), dtype=torch.bool)
+    poisoned[slots] = True
+    return poisoned_set(inputs.pretrain_images, inputs.target_images, inputs.trigger, slots, picks), poisoned
+
+
+@register_attack("blto", config=BLTOConfig, needs_clean_encoder=False, pretraining_set=blto_set,
                  summary="data poisoning with a learned, image-wide trigger (a generator optimised bi-level against "
                          "a surrogate contrastive learner)",
                  profiles={"paper": {}, "tiny": {**SMALL, "epochs": 3, "batch_size": 256},

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..encoders import build_encoder, train_simclr
-from .base import AttackInputs, register_attack
+from .base import AttackInputs, appended_set, register_attack
 from .triggers import PatchTrigger, TriggerSettings
 
 
@@ -139,7 +139,14 @@ def make_poisons(inputs: AttackInputs, cfg: CorruptEncoderConfig, generator) -> 
                      "strip_x": strip_x, "layouts": layouts}
 
 
+def corruptencoder_set(inputs: AttackInputs, cfg: CorruptEncoderConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set ``corruptencoder`` pre-trains on, rebuilt (``register_attack``'s ``pretraining_set``)."""
+    poisons, _ = make_poisons(inputs, cfg, generator)
+    return appended_set(inputs.pretrain_images, poisons)
+
+
 @register_attack("corruptencoder", config=CorruptEncoderConfig, needs_clean_encoder=False,
+                 pretraining_set=corruptencoder_set,
                  summary="data poisoning: reference object on one side, trigger on the other (random crops pair them)",
                  profiles={"paper": {}, "tiny": {}, "ci": {}})
 def corruptencoder(inputs: AttackInputs, cfg: CorruptEncoderConfig, ctx):

@@ -153,7 +153,15 @@ def poison_pretraining_set(inputs: AttackInputs, ratio: float,
     return data, slots, picks
 
 
-@register_attack("ctrl", config=CTRLConfig, needs_clean_encoder=False,
+def ctrl_set(inputs: AttackInputs, cfg: CTRLConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set ``ctrl`` pre-trains on, rebuilt (``register_attack``'s ``pretraining_set``)."""
+    data, slots, _ = poison_pretraining_set(inputs, cfg.poison_ratio, generator)
+    poisoned = torch.zeros(len(data), dtype=torch.bool)
+    poisoned[slots.cpu()] = True
+    return data, poisoned
+
+
+@register_attack("ctrl", config=CTRLConfig, needs_clean_encoder=False, pretraining_set=ctrl_set,
                  summary="clean-label data poisoning with a frequency (DCT) trigger on target-class images",
                  profiles={"paper": {},
                            "tiny": {"poison_ratio": 0.01},

@@ -18,11 +18,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import MICRO, PRETRAIN, TASK
-from defbench.attacks import ATTACKS, AttackInputs, PatchTrigger, trigger_from_description
+from defbench.attacks import ATTACKS, AttackInputs, PatchTrigger, register_attack, trigger_from_description
 from defbench.attacks import bassl as bassl_module
 from defbench.attacks import blto as blto_module
 from defbench.attacks.learned import LEARNED_TRIGGER
-from defbench.attacks.pretraining_sets import PRETRAINING_SETS
 from defbench.benchmark.cli import main
 from defbench.benchmark.pipeline import pretrain_inputs
 from defbench.benchmark.pipeline import stages as stages_module
@@ -32,6 +31,7 @@ from defbench.benchmark.pipeline.scheduler import run_grid
 from defbench.benchmark.pipeline.settings import load_profile, parse_sets
 from defbench.benchmark.pipeline.stages import Env
 from defbench.benchmark.pipeline.store import ArtifactStore
+from defbench.core import RegistryError
 from defbench.core.registry import Component
 from defbench.defenses import DEFENSES, REMOVED_RECORD, PretrainData
 from defbench.defenses.base import DefenseOptions
@@ -156,8 +156,14 @@ DATA_POISONING = [c.name for c in ATTACKS.items()
                   if c.module.startswith("defbench.attacks.") and not c.options.needs_clean_encoder]
 
 
-def test_every_builtin_data_poisoning_attack_says_how_its_set_is_rebuilt():
-    assert DATA_POISONING and set(DATA_POISONING) <= set(PRETRAINING_SETS.names())
+def test_a_data_poisoning_attack_must_say_how_its_set_is_rebuilt_when_it_registers():
+    assert DATA_POISONING and all(callable(ATTACKS.get(a).options.pretraining_set) for a in DATA_POISONING)
+    config = ATTACKS.get("bassl").config
+    with pytest.raises(RegistryError, match="pretraining_set=builder"):
+        register_attack("poisons-without-builder", config=config, summary="-", needs_clean_encoder=False)
+    with pytest.raises(RegistryError, match="drop pretraining_set"):
+        register_attack("encoder-with-builder", config=config, summary="-", pretraining_set=lambda *a: None)
+    assert "poisons-without-builder" not in ATTACKS and "encoder-with-builder" not in ATTACKS
 
 
 @pytest.mark.parametrize("attack", DATA_POISONING)
@@ -182,7 +188,7 @@ def test_a_builder_rebuilds_the_set_its_attack_trains_on(attack, monkeypatch):
     component.fn(inputs, cfg, ctx)
     if LEARNED_TRIGGER in ctx.records:  # the harness hands a builder the trigger the attack learned
         inputs = dataclasses.replace(inputs, trigger=trigger_from_description(ctx.records[LEARNED_TRIGGER]))
-    images, poisoned = PRETRAINING_SETS.get(attack)(inputs, cfg, torch.Generator().manual_seed(11))
+    images, poisoned = component.options.pretraining_set(inputs, cfg, torch.Generator().manual_seed(11))
     assert torch.equal(images, trained["images"])
     assert int(poisoned.sum()) == ctx.records["n_poison"] > 0
 

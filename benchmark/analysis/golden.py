@@ -33,6 +33,7 @@ leaves the other kinds' files stale: delete them, and a machine of that kind wri
 from __future__ import annotations
 
 import datetime
+import platform
 import io
 from pathlib import Path
 
@@ -88,9 +89,21 @@ def golden_frame(runs: list[pd.DataFrame], factor: float = 1.0) -> pd.DataFrame:
 
 
 def cpu_kind() -> str:
-    """The CPU's vector instruction set as torch uses it (e.g. AVX2, AVX512): its kernels, and so the rounding
-    that these small runs amplify into points of ACC/ASR, differ between kinds."""
-    return torch.backends.cpu.get_cpu_capability()
+    """The CPU's vector instruction set as torch uses it and its vendor (e.g. AVX512-GenuineIntel): the kernels,
+    and so the rounding that these small runs amplify into points of ACC/ASR, differ between kinds; an Intel and
+    an AMD CPU that torch both runs at AVX512 differ too (measured: the clean cells move beyond the floors)."""
+    return f"{torch.backends.cpu.get_cpu_capability()}-{cpu_vendor()}"
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor's id (GenuineIntel, AuthenticAMD, ...) from /proc/cpuinfo, else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 def default_file(folder: Path = GOLDEN_DIR) -> Path:

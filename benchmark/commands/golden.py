@@ -1,6 +1,7 @@
 """``defbench golden check|update``: the regression subset (``make ci-small``) against this CPU kind's golden file.
 
-The file is ``tests/golden/ci-small.<kind>.csv`` (kind: torch's CPU capability, e.g. AVX2 or AVX512).
+The file is ``tests/golden/ci-small.<kind>.csv`` (kind: torch's CPU capability and the CPU vendor,
+e.g. AVX512-GenuineIntel).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def golden():
 
 def _golden_options(fn):
     fn = click.option("--file", "golden_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                      help="golden CSV (default: tests/golden/ci-small.<cpu kind>.csv, e.g. AVX2, AVX512)")(fn)
+                      help="golden CSV (default: tests/golden/ci-small.<cpu kind>.csv, "
+                           "e.g. AVX512-GenuineIntel)")(fn)
     fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")(fn)
     fn = click.option("--workers", type=click.IntRange(min=1, max=4 * (os.cpu_count() or 1)), default=1,
                       show_default=True, help="parallel stages (processes)")(fn)

@@ -4,7 +4,7 @@ The defend stage's spec describes the clean pre-training split (``pretrain_data_
 size cap, seed, image size) and the victim's recipe; the images themselves follow from the suspect:
 
 - made by a data-poisoning attack (an attack registered without ``needs_clean_encoder``): the
-  poisoned set that attack trained on, rebuilt through its ``attacks.pretraining_sets`` builder from
+  poisoned set that attack trained on, rebuilt through the ``pretraining_set`` builder it registered with, from
   the attack stage's own inputs, config and seed;
 - anything else (a model-poisoning attack, the clean encoder, an imported checkpoint): the clean split.
 
@@ -22,8 +22,6 @@ from pathlib import Path
 import torch
 
 from ...attacks import ATTACKS, trigger_from_description
-from ...attacks.pretraining_sets import PRETRAINING_SETS
-from ...core import UserError
 from ...encoders import SimCLRConfig
 from .inputs import attack_inputs, dataset_split, name_seed
 
@@ -51,16 +49,12 @@ def is_data_poisoning(stage) -> bool:
 
 def _poisoned_set(data_dir: Path, attack, learned_trigger: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     spec = attack.spec
-    if spec["attack"] not in PRETRAINING_SETS:
-        raise UserError(f"attack {spec['attack']!r} poisons the pre-training data but does not say how its "
-                        "pre-training set is rebuilt; register a builder with "
-                        "defbench.attacks.pretraining_sets.register_pretraining_set")
     component = ATTACKS.get(spec["attack"])
     given = attack_inputs(data_dir, spec, None)
     if learned_trigger is not None:  # the trigger the attack learned (BLTO), not the plan's placeholder
         given = dataclasses.replace(given, trigger=trigger_from_description(learned_trigger))
     generator = torch.Generator().manual_seed(attack.seed())  # the attack's ctx.generator at its start
-    images, poisoned = PRETRAINING_SETS.get(spec["attack"])(given, component.config(**spec["config"]), generator)
+    images, poisoned = component.options.pretraining_set(given, component.config(**spec["config"]), generator)
     return images.cpu(), poisoned.cpu()
 
 
