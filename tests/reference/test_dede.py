@@ -1,12 +1,12 @@
 """DeDe against its authors' code (tardisblue9/DeDe ``src/main.py`` ``train_decoder``, ``src/decoder_model.py``
-``DecoderModel``, ``src/utils.py`` ``MAE_error``): six Adam updates of ``defenses/dede.py`` ``train_decoder`` on the
-trace's encoder, images, decoder weights and masks, then the detection errors of ``DeDeDecoder.score``
+``DecoderModel``, ``src/utils.py`` ``MAE_error``): four Adam updates of ``defenses/dede.py`` ``train_decoder`` on
+the trace's encoder, images, decoder weights and masks, then the detection errors of ``DeDeDecoder.score``
 (``dede.json``; how it was recorded: there).
 
 Tolerance: both sides run fp32 on the CPU with the same visible patches in the same order, but the reference
 computes the suspect's features per batch inside the training loop and defbench once for all images, and its
 timm blocks and einops rearrangements order the same operations differently from defbench's written-out
-blocks. Measured over the six updates: losses to 1e-7 relative, gradient norms and updates to 6e-6 relative,
+blocks. Measured over the four updates: losses to 1e-7 relative, gradient norms and updates to 6e-6 relative,
 the detection errors to 2e-7 relative. The test allows 1e-5 relative on losses and errors and 1e-3 on
 gradient norms and updates (Adam divides by sqrt(v) + eps, so an entry with a gradient near eps moves by a
 rounding-sized difference times lr); a change of the method (mean taken as a sum, the mask's normalisation
