@@ -18,6 +18,7 @@ Parity with the reference: docs/methods/dede.md
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -184,10 +185,17 @@ def _errors(decoder: DeDeDecoder, images: torch.Tensor, features: torch.Tensor, 
                       for x, f in zip(images.split(batch), features.split(batch))]).cpu()
 
 
+def random_visible(n: int, tokens: int, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """The visible patches of ``n`` images (n x keep): the first ``keep`` of a random permutation of the ``tokens``
+    patches per image (the reference's ``PatchShuffle``)."""
+    return torch.rand(n, tokens, generator=generator).argsort(1)[:, :keep]
+
+
 def train_decoder(decoder: DeDeDecoder, images: torch.Tensor, features: torch.Tensor, cfg: DeDeConfig,
-                  ctx: RunContext) -> list[float]:
+                  ctx: RunContext, monitor: Callable[[float], None] | None = None) -> list[float]:
     """``cfg.steps`` Adam updates on random batches; ``mask_ratio`` of each image's patches masked at random.
-    Returns the mean loss over each of (at most) 50 equal chunks of the run."""
+    Returns the mean loss over each of (at most) 50 equal chunks of the run; ``monitor(loss)`` is called after
+    every update, the gradients still in place (the reference-trace test reads them)."""
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     keep = int(decoder.tokens * (1 - cfg.mask_ratio))
     batch = min(cfg.batch_size, len(images))
@@ -200,8 +208,7 @@ def train_decoder(decoder: DeDeDecoder, images: torch.Tensor, features: torch.Te
             if step == cfg.steps:
                 break
             x_norm = decoder.normalise(to_float(images[idx], ctx.device))
-            order = torch.rand(len(idx), decoder.tokens, generator=ctx.generator).argsort(1).to(ctx.device)
-            visible = order[:, :keep]
+            visible = random_visible(len(idx), decoder.tokens, keep, ctx.generator).to(ctx.device)
             masked = torch.ones(len(idx), decoder.tokens, device=ctx.device).scatter(1, visible, 0.0)
             error = (decoder(x_norm, features[idx.to(features.device)], visible) - decoder.patches(x_norm)).square()
             loss = (error * masked.unsqueeze(-1)).mean() / cfg.mask_ratio
@@ -209,6 +216,8 @@ def train_decoder(decoder: DeDeDecoder, images: torch.Tensor, features: torch.Te
             loss.backward()
             opt.step()
             running.append(loss.item())
+            if monitor is not None:
+                monitor(running[-1])
             step += 1
             next(bar, None)
             if len(running) == chunk or step == cfg.steps:

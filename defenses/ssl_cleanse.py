@@ -19,6 +19,7 @@ Parity with the reference: docs/methods/ssl-cleanse.md
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,26 +128,44 @@ def _knn_rate(model: Encoder, images: torch.Tensor, pick: torch.Tensor, mask, pa
     return hits / len(pick)
 
 
+def inversion_draws(labels: torch.Tensor, target: int, shape: tuple[int, int], generator: torch.Generator) -> dict:
+    """The random inputs of one cluster's inversion (the reference's ``detector.py``): ``sample``, a random subset
+    of the other clusters' images (N - the largest cluster's size); ``partner``, for each, a random image of
+    cluster ``target`` whose feature it is pulled to (``DatasetCluster``); the initial ``raw_mask`` (H x W) and
+    ``raw_pattern`` (3 x H x W) in tanh space, from uniform noise."""
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    others = torch.nonzero(labels != target).flatten()
+    sample = others[torch.randperm(len(others), generator=generator)[:len(labels) - int(counts.max())]]
+    if len(sample) == 0:
+        sample = others
+    members = torch.nonzero(labels == target).flatten()
+    partner = members[torch.randint(len(members), (len(sample),), generator=generator)]
+    h, w = shape
+    return {"sample": sample, "partner": partner, "raw_mask": _to_tanh_space(torch.rand(h, w, generator=generator)),
+            "raw_pattern": _to_tanh_space(torch.rand(3, h, w, generator=generator))}
+
+
+def knn_sample(n_images: int, cfg: SSLCleanseConfig, generator: torch.Generator) -> torch.Tensor:
+    """The images of one epoch's success test: ``knn_images`` drawn with replacement, anew every epoch (the
+    reference's ``DatasetEval``)."""
+    return torch.randint(n_images, (cfg.knn_images,), generator=generator)
+
+
 def invert_cluster(model: Encoder, images: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, target: int,
-                   cfg: SSLCleanseConfig, ctx) -> dict:
+                   cfg: SSLCleanseConfig, ctx, monitor: Callable[..., None] | None = None) -> dict:
     """The smallest trigger moving the other clusters' images to cluster ``target``; ``model`` frozen (eval).
 
     Returns ``{"reg", "mask", "pattern", "found", "epochs", "lambda", "mask_l1"}``; ``reg`` is the
-    reference's score (epoch-mean ``mean(m * p)`` of the best success, 1.0 when none).
+    reference's score (epoch-mean ``mean(m * p)`` of the best success, 1.0 when none). ``monitor(**values)``
+    is called after every update (the loss terms, the raw mask and pattern with their gradients) and after every
+    epoch (its success rate and the schedule); the reference-trace test reads them.
     """
     device, gen = ctx.device, ctx.generator
-    h, w = images.shape[-2:]
-    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
-    others = torch.nonzero(labels != target).flatten()
-    sample = others[torch.randperm(len(others), generator=gen)[:len(images) - int(counts.max())]]
-    if len(sample) == 0:
-        sample = others
-    target_feats = features[labels == target]
-    paired = target_feats[torch.randint(len(target_feats), (len(sample),), generator=gen)].to(device)
-    knn_pick = torch.randperm(len(images), generator=gen)[:cfg.knn_images]
-
-    raw_mask = _to_tanh_space(torch.rand(h, w, generator=gen)).to(device).requires_grad_(True)
-    raw_pattern = _to_tanh_space(torch.rand(3, h, w, generator=gen)).to(device).requires_grad_(True)
+    draws = inversion_draws(labels, target, tuple(images.shape[-2:]), gen)
+    sample = draws["sample"]
+    paired = features[draws["partner"]].to(device)
+    raw_mask = draws["raw_mask"].to(device).requires_grad_(True)
+    raw_pattern = draws["raw_pattern"].to(device).requires_grad_(True)
     opt = torch.optim.Adam([raw_pattern, raw_mask], lr=cfg.inv_lr, betas=(0.5, 0.9))
     batch_size = min(cfg.inv_batch_size, len(sample))
 
@@ -169,10 +188,15 @@ def invert_cluster(model: Encoder, images: torch.Tensor, features: torch.Tensor,
                 loss.backward()
                 opt.step()
                 regs.append(reg.item())
+                if monitor is not None:
+                    monitor(loss_sim=loss_sim.item(), reg=regs[-1], loss=loss.item(), raw_mask=raw_mask,
+                            raw_pattern=raw_pattern)
             reg_epoch = sum(regs) / len(regs)
-            with torch.no_grad():
-                mask, pattern = _from_tanh_space(raw_mask), _from_tanh_space(raw_pattern)
-            rate = _knn_rate(model, images, knn_pick, mask, pattern, features, labels, target, device)
+            # the success test and the kept trigger use the last batch's trigger, as the reference's (before
+            # that batch's update)
+            mask, pattern = mask.detach(), pattern.detach()
+            rate = _knn_rate(model, images, knn_sample(len(images), cfg, gen), mask, pattern, features, labels,
+                             target, device)
             success = rate >= cfg.success_threshold
             if rate > cfg.success_threshold and reg_epoch < reg_best:
                 reg_best = reg_epoch
@@ -197,6 +221,8 @@ def invert_cluster(model: Encoder, images: torch.Tensor, features: torch.Tensor,
                 up, lam, went_up = 0, lam * cfg.lambda_factor, True
             elif lam != 0 and down >= cfg.patience:
                 down, lam, went_down = 0, lam / cfg.lambda_factor, True
+            if monitor is not None:
+                monitor(epoch=epoch, rate=rate, reg_epoch=reg_epoch, reg_best=reg_best, lam=lam)
     found = best is not None
     if not found:
         with torch.no_grad():

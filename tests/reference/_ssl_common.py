@@ -82,6 +82,27 @@ def init_value(tag: str, key: str, shape) -> torch.Tensor:
     return det_tensor(name, shape, -bound, bound)
 
 
+def small_init_state(tag: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """A state dict at the scale of torch's default initialisation (for the transformer decoders of the detection
+    traces): matrices and their biases uniform in +-1/sqrt(fan_in), 1-D ``weight`` (LayerNorm) in [0.9, 1.1],
+    other 1-D ``bias`` in +-0.05, anything else (tokens, position tables) in +-0.04 (about trunc_normal(0.02))."""
+    state = {}
+    weights = {k.rsplit(".", 1)[0]: shape for k, shape in shapes.items() if k.endswith(".weight") and len(shape) > 1}
+    for key, shape in shapes.items():
+        stem, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+        if leaf == "weight" and len(shape) > 1:
+            bound = 1.0 / float(np.sqrt(np.prod(shape[1:])))
+        elif leaf == "bias" and stem in weights:
+            bound = 1.0 / float(np.sqrt(np.prod(weights[stem][1:])))
+        elif leaf == "weight":
+            state[key] = det_tensor(f"{tag}/{key}", shape, 0.9, 1.1)
+            continue
+        else:
+            bound = 0.05 if leaf == "bias" else 0.04
+        state[key] = det_tensor(f"{tag}/{key}", shape, -bound, bound)
+    return state
+
+
 def release_state(tag: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
     """A state dict in the BadEncoder/MIMIC release layout, every entry from :func:`init_value`."""
     return {key: init_value(tag, key, shape) for key, shape in shapes.items()}
