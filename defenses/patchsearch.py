@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from ..encoders import Encoder, to_float, train_simclr
 from ..encoders.augment import color_jitter, horizontal_flip, random_grayscale, random_resized_crop
@@ -239,6 +238,7 @@ def search(encoder: Encoder, images: torch.Tensor, cfg: PatchSearchConfig, ctx) 
 
 def classifier() -> torch.nn.Module:
     """The reference's poison classifier: torchvision's ResNet with one BasicBlock per stage, two outputs."""
+    from torchvision.models.resnet import BasicBlock, ResNet  # here: importing torchvision takes seconds
     return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=2)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .resnet import STAGE_NAMES
@@ -25,6 +24,7 @@ class TorchvisionResNet(nn.Module):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"torchvision has no ResNet-{depth}; depths: {', '.join(map(str, DEPTHS))}")
+        import torchvision  # here, not at import: torchvision takes seconds to import and most runs never need it
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         for name in STAGE_NAMES:

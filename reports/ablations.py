@@ -18,16 +18,16 @@ import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from .plotting import pyplot_and_seaborn
 
-from .tables import ASR_COLUMNS, ASR_NOTE, ReportError, json_field  # noqa: E402,F401  (ASR_NOTE: for the page header)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+from .tables import ASR_COLUMNS, ASR_NOTE, ReportError, json_field  # noqa: F401  (ASR_NOTE: for the page header)
 
 MATCH_KEYS = ["arm", "role", "defense", "downstream", "attack", "seed"]
 ACC_COLOUR, ASR_COLOUR, REF_COLOUR = "#1f77b4", "#d62728", "0.35"
@@ -38,7 +38,7 @@ class StudyReport:
     name: str
     title: str
     paper: str
-    figure: plt.Figure
+    figure: Figure
     table: pd.DataFrame
     notes: list[str] = field(default_factory=list)
 
@@ -149,7 +149,8 @@ def _per_task_table(rows: pd.DataFrame, index: list[str], asr: str) -> pd.DataFr
     return table
 
 
-def _figure(ncols: int = 1, width: float = 6.4) -> tuple[plt.Figure, list]:
+def _figure(ncols: int = 1, width: float = 6.4) -> tuple[Figure, list]:
+    plt, sns = pyplot_and_seaborn()
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, 4.2), squeeze=False)
     return fig, list(axes[0])
@@ -157,7 +158,7 @@ def _figure(ncols: int = 1, width: float = 6.4) -> tuple[plt.Figure, list]:
 
 # ----------------------------------------------------------------- the studies
 
-def components(rows, asr, meas=None) -> tuple[plt.Figure, pd.DataFrame, list[str]]:
+def components(rows, asr, meas=None) -> tuple[Figure, pd.DataFrame, list[str]]:
     defended = rows[rows.role == "defended"]
     table = _per_task_table(defended, ["arm"], asr)
     undefended = _reference(rows, "undefended", asr)
@@ -498,7 +499,7 @@ def write(report: StudyReport, out_dir: Path) -> dict[str, Path]:
     paths = {"png": out_dir / f"{report.name}.png", "svg": out_dir / f"{report.name}.svg"}
     report.figure.savefig(paths["png"], dpi=130, bbox_inches="tight")
     report.figure.savefig(paths["svg"], bbox_inches="tight")
-    plt.close(report.figure)
+    pyplot_and_seaborn()[0].close(report.figure)
     paths["md"] = out_dir / f"{report.name}.md"
     paths["md"].write_text(section(report) + "\n")
     report.table.to_csv(out_dir / f"{report.name}.csv", index=False, float_format="%.4g")

@@ -13,16 +13,16 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from . import stats
+from .plotting import pyplot_and_seaborn
+from .tables import ReportError, combine_seeds, json_field, render, table1
 
-from . import stats  # noqa: E402
-from .tables import ReportError, combine_seeds, json_field, render, table1  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SNAPSHOT_COLUMNS = ["row_key", "eval_key", "encoder_key", "profile", "overrides", "seed", "attack", "defense",
                     "role", "pretrain", "downstream", "target", "acc", "asr_all", "asr_excl", "n_test",
@@ -237,11 +237,12 @@ def group_page(group: Group, figures: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------ figures
 
-def cd_figure(comparison: stats.Comparison, title: str) -> plt.Figure | None:
+def cd_figure(comparison: stats.Comparison, title: str) -> Figure | None:
     """A critical-difference diagram (scikit-posthocs) of the average ranks, bars from the Holm-Wilcoxon tests."""
     import scikit_posthocs as sp
     if comparison.values.shape[0] < 2:
         return None
+    plt, _ = pyplot_and_seaborn()
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(comparison.ranks) + 1.2))
     sp.critical_difference_diagram(comparison.ranks, stats.significance_matrix(comparison), ax=ax,
                                    label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}")
@@ -254,13 +255,14 @@ def has_attacked_rows(group: Group) -> bool:
     return bool(group.rows.role.isin(["undefended", "defended"]).any())
 
 
-def seeds_figure(group: Group) -> plt.Figure | None:
+def seeds_figure(group: Group) -> Figure | None:
     """Every seed's ASR and ACC per column and task (a strip plot: bimodal cells stay visible)."""
     rows = group.rows[group.rows.role.isin(["undefended", "defended"])]
     if not has_attacked_rows(group):  # only clean-encoder rows so far: nothing to plot
         return None
     rows = rows.assign(column=rows.apply(lambda r: "undefended" if r.role == "undefended" else r.defense, axis=1))
     long = pd.concat([rows.assign(metric="ASR", value=rows.asr_all), rows.assign(metric="ACC", value=rows.acc)])
+    _, sns = pyplot_and_seaborn()
     grid = sns.catplot(data=long, x="column", y="value", hue="downstream", row="metric", kind="strip",
                        order=group.columns, dodge=True, jitter=0.15, height=2.8, aspect=3.0, sharey=False, size=4)
     grid.set_axis_labels("", "%")
@@ -270,10 +272,10 @@ def seeds_figure(group: Group) -> plt.Figure | None:
     return grid.figure
 
 
-def save(fig: plt.Figure, out_dir: Path, stem: str) -> None:
+def save(fig: Figure, out_dir: Path, stem: str) -> None:
     fig.savefig(out_dir / f"{stem}.png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     fig.savefig(out_dir / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    pyplot_and_seaborn()[0].close(fig)
 
 
 # ------------------------------------------------------------------ the index

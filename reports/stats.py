@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 10_000
@@ -55,6 +54,7 @@ def bootstrap_interval(differences: np.ndarray) -> tuple[float, float]:
     """Percentile bootstrap 95 % interval of the mean paired difference (seeded: reproducible pages)."""
     if len(differences) < 2 or np.all(differences == differences[0]):
         return float(differences.mean()), float(differences.mean())
+    from scipy import stats  # here: scipy.stats takes most of a second to import
     result = stats.bootstrap((differences,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95,
                              method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
@@ -64,6 +64,7 @@ def wilcoxon_p(differences: np.ndarray) -> float:
     """Two-sided Wilcoxon signed-rank p-value; 1.0 when every difference is zero (nothing to test)."""
     if np.all(differences == 0):
         return 1.0
+    from scipy import stats
     return float(stats.wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
@@ -108,6 +109,7 @@ def friedman(values: pd.DataFrame) -> tuple[float, float]:
         return float("nan"), float("nan")
     if (values.nunique(axis=1) == 1).all():  # every block a tie: no evidence of any difference
         return 0.0, 1.0
+    from scipy import stats
     result = stats.friedmanchisquare(*[values[c].to_numpy(dtype=float) for c in values.columns])
     return float(result.statistic), float(result.pvalue)
 
@@ -144,6 +146,7 @@ def kendall_tau(first: pd.DataFrame, second: pd.DataFrame, lower_is_better: bool
     ranks_b = second[common].rank(axis=1, ascending=lower_is_better, method="average").to_numpy()
 
     def tau(rows_a: np.ndarray, rows_b: np.ndarray) -> float:
+        from scipy import stats
         return float(stats.kendalltau(rows_a.mean(axis=0), rows_b.mean(axis=0)).statistic)
     point = tau(ranks_a, ranks_b)
     rng = np.random.default_rng(BOOTSTRAP_SEED)

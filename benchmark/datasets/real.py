@@ -24,16 +24,17 @@ in range).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import datasets as tvd
 
 from ...core import paths
 from .base import DatasetError, DatasetSpec, ImageSet, register_dataset, resize_uint8, to_nchw_rgb
@@ -112,37 +113,43 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     return data, labels
 
 
-class _CIFAR10:
-    """CIFAR-10's python layout, read with :func:`read_cifar_pickle` (torchvision's class only downloads)."""
-    base_folder = tvd.CIFAR10.base_folder
-    train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
-    test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
-    meta = {**tvd.CIFAR10.meta, "md5": None}
+@functools.cache
+def _tv() -> SimpleNamespace:
+    """torchvision's dataset classes as defbench reads them, made on first use (importing torchvision takes
+    seconds, which every command would pay at start-up otherwise)."""
+    from torchvision import datasets as tvd
 
-    def __init__(self, root: str, train: bool = True, download: bool = False):
-        folder = Path(root) / self.base_folder
-        if download:  # md5 of the archive checked by torchvision; the extracted files replace any present
-            tvd.cifar.download_and_extract_archive(tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename,
-                                                   md5=tvd.CIFAR10.tgz_md5)
-        batches = [_cifar_batch(folder / f) for f, _ in (self.train_list if train else self.test_list)]
-        self.data = np.vstack([b[0] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        self.targets = [label for b in batches for label in b[1]]
-        meta = read_cifar_pickle(folder / self.meta["filename"])
-        classes = meta.get(self.meta["key"])
-        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-            raise DatasetError(f"cifar10: {folder / self.meta['filename']} has no list of class names "
-                               f"{self.meta['key']!r}")
-        self.classes = classes
+    class CIFAR10:
+        """CIFAR-10's python layout, read with :func:`read_cifar_pickle` (torchvision's class only downloads)."""
+        base_folder = tvd.CIFAR10.base_folder
+        train_list = [[f, None] for f, _ in tvd.CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in tvd.CIFAR10.test_list]
+        meta = {**tvd.CIFAR10.meta, "md5": None}
 
+        def __init__(self, root: str, train: bool = True, download: bool = False):
+            folder = Path(root) / self.base_folder
+            if download:  # md5 of the archive checked by torchvision; the extracted files replace any present
+                tvd.cifar.download_and_extract_archive(tvd.CIFAR10.url, root, filename=tvd.CIFAR10.filename,
+                                                       md5=tvd.CIFAR10.tgz_md5)
+            batches = [_cifar_batch(folder / f) for f, _ in (self.train_list if train else self.test_list)]
+            self.data = np.vstack([b[0] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            self.targets = [label for b in batches for label in b[1]]
+            meta = read_cifar_pickle(folder / self.meta["filename"])
+            classes = meta.get(self.meta["key"])
+            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+                raise DatasetError(f"cifar10: {folder / self.meta['filename']} has no list of class names "
+                                   f"{self.meta['key']!r}")
+            self.classes = classes
 
-class _STL10(tvd.STL10):
-    train_list = [[f, None] for f, _ in tvd.STL10.train_list]
-    test_list = [[f, None] for f, _ in tvd.STL10.test_list]
+    class STL10(tvd.STL10):
+        train_list = [[f, None] for f, _ in tvd.STL10.train_list]
+        test_list = [[f, None] for f, _ in tvd.STL10.test_list]
 
+    class SVHN(tvd.SVHN):
+        def _check_integrity(self) -> bool:  # download() still passes the md5 to download_url
+            return os.path.isfile(os.path.join(self.root, self.filename))
 
-class _SVHN(tvd.SVHN):
-    def _check_integrity(self) -> bool:  # download() still passes the md5 to download_url
-        return os.path.isfile(os.path.join(self.root, self.filename))
+    return SimpleNamespace(CIFAR10=CIFAR10, STL10=STL10, SVHN=SVHN, GTSRB=tvd.GTSRB)
 
 
 def _one_line(text: object) -> str:
@@ -189,8 +196,9 @@ def _memoized(load):
 
 @_memoized
 def cifar10(split: str, data_dir: Path, image_size: int) -> ImageSet:
-    files = [f for f, _ in _CIFAR10.train_list + _CIFAR10.test_list] + [_CIFAR10.meta["filename"]]
-    ds = _open("cifar10", _CIFAR10, data_dir, data_dir, [f"{_CIFAR10.base_folder}/{f}" for f in files],
+    cifar = _tv().CIFAR10
+    files = [f for f, _ in cifar.train_list + cifar.test_list] + [cifar.meta["filename"]]
+    ds = _open("cifar10", cifar, data_dir, data_dir, [f"{cifar.base_folder}/{f}" for f in files],
                train=split != "test")
     images = resize_uint8(to_nchw_rgb(ds.data, "cifar10"), image_size)
     return ImageSet("cifar10", images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes))
@@ -201,13 +209,14 @@ STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 
 @_memoized
 def stl10(split: str, data_dir: Path, image_size: int) -> ImageSet:
-    files = [f"{_STL10.base_folder}/{f}" for f, _ in _STL10.train_list + _STL10.test_list]
+    stl = _tv().STL10
+    files = [f"{stl.base_folder}/{f}" for f, _ in stl.train_list + stl.test_list]
     # pretrain = torchvision's "train+unlabeled", loaded in two parts so that the
     # 2.8 GB of unlabeled 96x96 images are resized before anything is concatenated.
     parts = {"pretrain": ["train", "unlabeled"], "train": ["train"], "test": ["test"]}[split]
     images, labels, classes = [], [], STL10_CLASSES
     for part in parts:
-        ds = _open("stl10", _STL10, data_dir, data_dir, files, split=part)
+        ds = _open("stl10", stl, data_dir, data_dir, files, split=part)
         images.append(resize_uint8(torch.from_numpy(ds.data), image_size).contiguous())
         labels.append(torch.as_tensor(ds.labels.astype(np.int64)))
         classes = getattr(ds, "classes", None) or classes
@@ -218,7 +227,8 @@ def stl10(split: str, data_dir: Path, image_size: int) -> ImageSet:
 @_memoized
 def svhn(split: str, data_dir: Path, image_size: int) -> ImageSet:
     part = "test" if split == "test" else "train"
-    ds = _open("svhn", _SVHN, data_dir / "svhn", data_dir, [f"svhn/{_SVHN.split_list[part][1]}"], split=part)
+    svhn_cls = _tv().SVHN
+    ds = _open("svhn", svhn_cls, data_dir / "svhn", data_dir, [f"svhn/{svhn_cls.split_list[part][1]}"], split=part)
     images = resize_uint8(torch.from_numpy(ds.data), image_size).contiguous()  # labels: 10 -> 0 by torchvision
     return ImageSet("svhn", images, torch.as_tensor(ds.labels, dtype=torch.int64), [str(d) for d in range(10)])
 
@@ -271,7 +281,7 @@ def gtsrb(split: str, data_dir: Path, image_size: int) -> ImageSet:
     def resize(img):  # PIL's bilinear resize antialiases when shrinking, like resize_uint8
         return np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR))
 
-    ds = _open("gtsrb", tvd.GTSRB, data_dir, data_dir, expected, split=part, transform=resize)
+    ds = _open("gtsrb", _tv().GTSRB, data_dir, data_dir, expected, split=part, transform=resize)
     try:
         pairs = [ds[i] for i in range(len(ds))]
     except Exception as e:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .base import DatasetError, DatasetSpec, ImageSet, register_dataset, resize_uint8, to_nchw_rgb
 
@@ -108,6 +107,7 @@ def load_folder(split: str, data_dir: Path, image_size: int) -> ImageSet:
         raise DatasetError(f"{name}: {source} has class folders not in train/: {', '.join(sorted(extra))}")
     if not classes:
         raise DatasetError(f"{name}: no class folders in {source} (expected {source}/<class>/<image>)")
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # here: torchvision takes seconds to import
     samples = make_dataset(str(source), {c: i for i, c in enumerate(classes)},
                            extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
