@@ -39,16 +39,20 @@ PRETRAIN, TASK = "synth-cifar10", "synth-stl10"
 # $DEFBENCH_TEST_HOME (set by .ci/run to the store the regression subset then uses): the session's store, so the
 # subset finds the stages the fixtures computed (the ci clean and BadEncoder encoders and their evaluations)
 # instead of computing them again; at the subset's thread count, so the numbers are the ones it would compute
+# Under pytest-xdist (`make test` runs two workers) the workers share one session store too: its per-stage locks
+# and the WAL results database let them compute each fixture stage once. Every worker runs at the subset's thread
+# count as well: the tests' margins were measured at it, and a thread count changes the last bits of CPU sums.
 SHARED_HOME = os.environ.get("DEFBENCH_TEST_HOME")
-if SHARED_HOME:
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if SHARED_HOME or XDIST:
     from defbench.benchmark.analysis.golden import THREADS
     torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
-    if SHARED_HOME:
-        home = Path(SHARED_HOME)
+    if SHARED_HOME or XDIST:
+        home = Path(SHARED_HOME) if SHARED_HOME else tmp_path_factory.getbasetemp().parent / "defbench-home"
         home.mkdir(parents=True, exist_ok=True)
     else:
         home = tmp_path_factory.mktemp("defbench-home")
