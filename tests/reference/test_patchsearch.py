@@ -15,10 +15,12 @@ the Grad-CAM window (where two windows' heat sums tie in exact arithmetic, the t
 accepted: which one argmax takes falls to rounding). Floats are fp32 on both sides and agree to rounding; measured:
 features and prototypes bit for bit, squared distances to the centroid 4e-7 apart (faiss expands the square), the
 heat maps 6e-7 relative (numpy's mean against torch's, cv2's resize against ``F.interpolate``) and their probes
-8e-6 absolute, the classifier's losses, gradient norms and updates bit for bit. The test allows 1e-6 on features
-and losses, 1e-5 on prototypes, distances, heat maps, gradient norms and updates, 1e-4 on the heat maps' probes;
-a change of the method (no ReLU in the heat map, the poison score on unnormalised features, BatchNorm in eval
-mode while the classifier trains, the pruning rounded instead of truncated) moves them by far more.
+8e-6 absolute, the classifier's losses, gradient norms and updates bit for bit, the classifier's pasted squares
+0.98 grey levels (PIL resizes the uint8 patch in two passes, rounding each to 8 bits; defbench resizes floats).
+The test allows 1e-6 on features and losses, 1e-5 on prototypes, distances, heat maps, gradient norms and
+updates, 1e-4 on the heat maps' probes and 1.5 grey levels on pasted pixels; a change of the method (no ReLU in
+the heat map, the poison score on unnormalised features, BatchNorm in eval mode while the classifier trains, the
+pruning rounded instead of truncated, a bilinear or aliasing resize of the pasted patch) moves them by far more.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ HERE = Path(__file__).parent
 FILES = {"images": "patchsearch_inputs.npz", "encoder": "classic_inputs.npz", "batches": "patchsearch_batches.npz"}
 CPU = torch.device("cpu")
 FEATURE_RTOL, HEAT_RTOL, PROBE_ATOL, LOSS_RTOL, PARAM_RTOL = 1e-6, 1e-5, 1e-4, 1e-6, 1e-5
+PASTE_ATOL = 1.5  # grey levels: PIL resizes in two passes, rounding each to 8 bits
 
 
 @lru_cache(maxsize=1)
@@ -191,3 +194,27 @@ def test_poison_classifier_updates_match_the_reference(monkeypatch):
         compare(f"update {k + 1}: loss", loss, want["losses"][k], LOSS_RTOL, 0.0)
         compare_params(f"update {k + 1}", rec, step["params"], PARAM_RTOL)
     compare("validation F1 after the first update", info["val_f1"], want["val"][0][2], 1e-9, 1e-9)
+
+
+def unhex(text: str, side: int) -> torch.Tensor:
+    """A uint8 3 x side x side square stored as the hex string of its bytes."""
+    return torch.from_numpy(np.frombuffer(bytes.fromhex(text), dtype=np.uint8).copy()).reshape(3, side, side)
+
+
+def test_training_paste_matches_the_reference(monkeypatch):
+    want = trace()["trace"]["training_paste"]
+    patches = torch.stack([unhex(p, settings()["window"]) for p in want["patches"]]).float().div(255.0)
+    x = images()
+    worst = 0.0
+    for paste in want["pastes"]:
+        index, side, col, row = paste["draws"]
+        draws = iter([torch.tensor([index]), torch.tensor([side]), torch.tensor([row, col])])
+        with monkeypatch.context() as m:  # defbench's three draws: the patch, its side, its (row, column)
+            m.setattr(torch, "randint", lambda *args, **kwargs: next(draws))
+            out = ps.paste_poisons(x[paste["image"]][None].float().div(255.0), patches, config(), None)[0]
+        square = unhex(paste["square"], side).float()
+        outside = torch.ones(x.shape[-2:], dtype=torch.bool)
+        outside[row:row + side, col:col + side] = False
+        assert torch.equal(out[:, outside], x[paste["image"]][:, outside].float().div(255.0)), "pixels off the square"
+        worst = max(worst, float((out[:, row:row + side, col:col + side] * 255 - square).abs().max()))
+    assert worst <= PASTE_ATOL, f"pasted squares differ by up to {worst:.3f} grey levels (allowed {PASTE_ATOL})"
