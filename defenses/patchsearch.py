@@ -113,7 +113,8 @@ def grad_cam(encoder: Encoder, x: torch.Tensor, prototypes: torch.Tensor) -> tor
     """Grad-CAM heat maps (B x H x W, each scaled to [0, 1]) of the best cluster score of float images ``x``.
 
     The score of cluster j is ``cos(f(x), prototypes[j])``; the explained class is each image's best cluster
-    (pytorch-grad-cam with ``targets=None``); the layer is the encoder's last stage.
+    (pytorch-grad-cam with ``targets=None``); the layer is the encoder's last stage. Scaled as pytorch-grad-cam
+    scales a one-layer map: to [0, 1] at the layer's size, resized bilinearly to the image, scaled again.
     """
     layer = dict(encoder.backbone.named_modules())[encoder.stage_names[-1]]
     kept = {}
@@ -127,11 +128,14 @@ def grad_cam(encoder: Encoder, x: torch.Tensor, prototypes: torch.Tensor) -> tor
     finally:
         handle.remove()
     act, grads = kept["act"].detach().float(), grads.float()
-    cam = F.relu((grads.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-    low = cam.flatten(1).min(1).values.view(-1, 1, 1)
-    cam = cam - low
-    return cam / (cam.flatten(1).max(1).values.view(-1, 1, 1) + 1e-7)
+    cam = _min_max(F.relu((grads.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True)))
+    return _min_max(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)).squeeze(1)
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Each map (B x 1 x H x W) minus its minimum, divided by its new maximum + 1e-7 (scale_cam_image)."""
+    maps = maps - maps.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    return maps / (maps.flatten(1).max(1).values.view(-1, 1, 1, 1) + 1e-7)
 
 
 def max_window(cam: torch.Tensor, window: int) -> torch.Tensor:
@@ -193,6 +197,12 @@ def test_set(clusters: Clusters, size: int, generator) -> torch.Tensor:
 
 # ----------------------------------------------------------------- 4. iterative search
 
+def random_queues(clusters: Clusters, generator) -> list[list[int]]:
+    """Each cluster's images in a random order fixed at the start: the order the search scores them in."""
+    return [members[torch.randperm(len(members), generator=generator)].tolist()
+            for members in (torch.nonzero(clusters.labels == c).flatten() for c in range(len(clusters.centroids)))]
+
+
 def search(encoder: Encoder, images: torch.Tensor, cfg: PatchSearchConfig, ctx) -> tuple[torch.Tensor, dict]:
     """Poison scores of the uint8 pre-training ``images`` (0 for images never scored) and what the search did."""
     device, gen = ctx.device, ctx.generator
@@ -203,8 +213,7 @@ def search(encoder: Encoder, images: torch.Tensor, cfg: PatchSearchConfig, ctx) 
     window = pixels(cfg.window_fraction, images.shape[-1])
     test = test_set(clusters, cfg.test_images, gen)
     test_x, test_labels = to_float(images[test.to(images.device)], device), clusters.labels[test]
-    queues = [members[torch.randperm(len(members), generator=gen)].tolist()
-              for members in (torch.nonzero(clusters.labels == c).flatten() for c in range(k))]
+    queues = random_queues(clusters, gen)
     scores = torch.zeros(len(images), dtype=torch.long)
     candidates, rounds, scored = list(range(k)), 0, 0
     while True:
@@ -283,12 +292,26 @@ def f1_score(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     return 0.0 if math.isnan(f1) else f1
 
 
+def classifier_batch(images: torch.Tensor, rows: torch.Tensor, patches: torch.Tensor, cfg: PatchSearchConfig,
+                     device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch of the poison classifier from the uint8 ``images[rows]``: random-resized crops, a random
+    half (label 1) with a top patch pasted, then colour jitter, grayscale and flip; (floats in [0, 1], bool labels)."""
+    x = to_float(images[rows.to(images.device)], device)
+    x = random_resized_crop(x, (cfg.crop_min_fraction, 1.0), flip_p=0.0)
+    label = torch.rand(len(x), generator=generator) < 0.5
+    if label.any():
+        chosen = torch.nonzero(label).flatten().to(device)
+        x[chosen] = paste_poisons(x[chosen], patches, cfg, generator)
+    return horizontal_flip(random_grayscale(color_jitter(x))), label
+
+
 def train_classifier(images: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor, val_truth: torch.Tensor,
                      patches: torch.Tensor, encoder: Encoder, cfg: PatchSearchConfig,
-                     ctx) -> tuple[torch.nn.Module, dict]:
+                     ctx, monitor=None) -> tuple[torch.nn.Module, dict]:
     """One poison classifier: SGD + cosine over ``max_iterations`` (batches of random crops, half of them with a
     top patch pasted, label 1), validated every ``eval_freq`` updates on the top/bottom scored images; stops
-    early once ``stable_evals`` validation F1s in a row agree."""
+    early once ``stable_evals`` validation F1s in a row agree. ``monitor(loss)``, if given, is called after
+    every update (the reference-trace test reads the gradients and weights there)."""
     device, gen = ctx.device, ctx.generator
     model = classifier().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -299,19 +322,15 @@ def train_classifier(images: torch.Tensor, train_idx: torch.Tensor, val_idx: tor
         for idx in ctx.batches(len(train_idx), batch_size, drop_last=False):
             if it >= cfg.max_iterations:
                 break
-            x = to_float(images[train_idx[idx].to(images.device)], device)
-            x = random_resized_crop(x, (cfg.crop_min_fraction, 1.0), flip_p=0.0)
-            label = torch.rand(len(x), generator=gen) < 0.5
-            if label.any():
-                chosen = torch.nonzero(label).flatten().to(device)
-                x[chosen] = paste_poisons(x[chosen], patches, cfg, gen)
-            x = horizontal_flip(random_grayscale(color_jitter(x)))
+            x, label = classifier_batch(images, train_idx[idx], patches, cfg, device, gen)
             model.train()
             loss = F.cross_entropy(model(_normalise(x, encoder)), label.long().to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if monitor is not None:
+                monitor(losses[-1])
             if it % cfg.eval_freq == 0:
                 predicted = _logits([model], images[val_idx.to(images.device)], encoder, device,
                                     cfg.search_batch_size).argmax(1).bool()
