@@ -15,11 +15,12 @@ the Grad-CAM window (where two windows' heat sums tie in exact arithmetic, the t
 accepted: which one argmax takes falls to rounding). Floats are fp32 on both sides and agree to rounding; measured:
 features and prototypes bit for bit, squared distances to the centroid 4e-7 apart (faiss expands the square), the
 heat maps 6e-7 relative (numpy's mean against torch's, cv2's resize against ``F.interpolate``) and their probes
-8e-6 absolute, the classifier's losses, gradient norms and updates bit for bit, the classifier's pasted squares
-0.98 grey levels (PIL resizes the uint8 patch in two passes, rounding each to 8 bits; defbench resizes floats).
-The test allows 1e-6 on features and losses, 1e-5 on prototypes, distances, heat maps, gradient norms and
-updates, 1e-4 on the heat maps' probes and 1.5 grey levels on pasted pixels; a change of the method (no ReLU in
-the heat map, the poison score on unnormalised features, BatchNorm in eval mode while the classifier trains, the
+8e-6 absolute, the classifier's losses, gradient norms and updates bit for bit with one thread (1e-5 apart with
+two, which sum the convolutions in another order), the classifier's pasted squares 0.98 grey levels (PIL resizes
+the uint8 patch in two passes, rounding each to 8 bits; defbench resizes floats). The test allows 1e-6 on
+features, 1e-5 on prototypes, distances and heat maps, 1e-4 on the heat maps' probes and on the classifier's
+losses, gradient norms and updates, and 1.5 grey levels on pasted pixels; a change of the method (no ReLU in the
+heat map, the poison score on unnormalised features, BatchNorm in eval mode while the classifier trains, the
 pruning rounded instead of truncated, a bilinear or aliasing resize of the pasted patch) moves them by far more.
 """
 from __future__ import annotations
@@ -42,7 +43,10 @@ from ._ssl_common import compare, compare_params, det_tensor, init_value, param_
 HERE = Path(__file__).parent
 FILES = {"images": "patchsearch_inputs.npz", "encoder": "classic_inputs.npz", "batches": "patchsearch_batches.npz"}
 CPU = torch.device("cpu")
-FEATURE_RTOL, HEAT_RTOL, PROBE_ATOL, LOSS_RTOL, PARAM_RTOL = 1e-6, 1e-5, 1e-4, 1e-6, 1e-5
+FEATURE_RTOL, HEAT_RTOL, PROBE_ATOL = 1e-6, 1e-5, 1e-4
+# the classifier's updates: bit-identical to the reference with 1 intra-op thread; with 2 (the test suite's setting)
+# the convolutions sum in another order: a weight probe 1.02e-5 of its update's norm apart, the 4th loss 2.2e-6
+CLASSIFIER_RTOL = 1e-4
 PASTE_ATOL = 1.5  # grey levels: PIL resizes in two passes, rounding each to 8 bits
 
 
@@ -191,8 +195,8 @@ def test_poison_classifier_updates_match_the_reference(monkeypatch):
     steps = want["steps"][:cfg.max_iterations]
     assert len(records) == len(steps) == cfg.max_iterations
     for k, (rec, loss, step) in enumerate(zip(records, losses, steps)):
-        compare(f"update {k + 1}: loss", loss, want["losses"][k], LOSS_RTOL, 0.0)
-        compare_params(f"update {k + 1}", rec, step["params"], PARAM_RTOL)
+        compare(f"update {k + 1}: loss", loss, want["losses"][k], CLASSIFIER_RTOL, 0.0)
+        compare_params(f"update {k + 1}", rec, step["params"], CLASSIFIER_RTOL)
     compare("validation F1 after the first update", info["val_f1"], want["val"][0][2], 1e-9, 1e-9)
 
 
