@@ -158,7 +158,8 @@ def invert_cluster(model: Encoder, images: torch.Tensor, features: torch.Tensor,
     Returns ``{"reg", "mask", "pattern", "found", "epochs", "lambda", "mask_l1"}``; ``reg`` is the
     reference's score (epoch-mean ``mean(m * p)`` of the best success, 1.0 when none). ``monitor(**values)``
     is called after every update (the loss terms, the raw mask and pattern with their gradients) and after every
-    epoch (its success rate and the schedule); the reference-trace test reads them.
+    epoch (its success rate, the trigger the success test stamped, and the schedule); the reference-trace test reads
+    them.
     """
     device, gen = ctx.device, ctx.generator
     draws = inversion_draws(labels, target, tuple(images.shape[-2:]), gen)
@@ -222,7 +223,8 @@ def invert_cluster(model: Encoder, images: torch.Tensor, features: torch.Tensor,
             elif lam != 0 and down >= cfg.patience:
                 down, lam, went_down = 0, lam / cfg.lambda_factor, True
             if monitor is not None:
-                monitor(epoch=epoch, rate=rate, reg_epoch=reg_epoch, reg_best=reg_best, lam=lam)
+                monitor(epoch=epoch, rate=rate, reg_epoch=reg_epoch, reg_best=reg_best, lam=lam, mask=mask,
+                        pattern=pattern)
     found = best is not None
     if not found:
         with torch.no_grad():
