@@ -106,8 +106,14 @@ class Group:
         return slug(self.attack, self.pretrain)
 
     @property
+    def attacked(self) -> pd.DataFrame:
+        """The undefended and defended rows (a seed still running may so far hold only its clean row)."""
+        return self.rows[self.rows.role.isin(["undefended", "defended"])]
+
+    @property
     def seeds(self) -> list[int]:
-        return sorted(int(s) for s in self.rows.seed.unique())
+        """The seeds with an attacked row: the tables and rankings are over these."""
+        return sorted(int(s) for s in self.attacked.seed.unique())
 
 
 def build_group(profile: str, attack: str, pretrain: str, rows: pd.DataFrame) -> Group:
@@ -137,7 +143,10 @@ def _p(value: float) -> str:
 
 
 def table_section(group: Group) -> str:
-    frames = [table1(seed_rows, group.columns[1:])[0] for _, seed_rows in group.rows.groupby("seed")]
+    if not group.seeds:
+        return "No attacked encoder in this group yet.\n"
+    frames = [table1(seed_rows, group.columns[1:])[0] for _, seed_rows in group.rows.groupby("seed")
+              if int(seed_rows.seed.iloc[0]) in group.seeds]
     mean, sd = combine_seeds(frames)
     title = f"{group.attack} on {group.pretrain}, profile {group.profile}: ACC / ASR (%) over seeds " + \
         ", ".join(map(str, group.seeds))
@@ -230,7 +239,7 @@ def group_page(group: Group, figures: dict[str, str]) -> str:
              ranking_section(group, group.asr, figures["asr"]), "",
              ranking_section(group, group.acc, figures["acc"]), "", "## Every seed", "",
              "Each point is one seed's value; a cell whose seeds split into far-apart groups shows it here, "
-             "not in its mean ± sd.", "", f"![seeds per cell]({figures['seeds']})" if has_attacked_rows(group)
+             "not in its mean ± sd.", "", f"![seeds per cell]({figures['seeds']})" if not group.attacked.empty
              else "No attacked encoder in this group yet: nothing to plot.", ""]
     return "\n".join(parts)
 
@@ -250,15 +259,10 @@ def cd_figure(comparison: stats.Comparison, title: str) -> Figure | None:
     return fig
 
 
-def has_attacked_rows(group: Group) -> bool:
-    """Whether the group holds an undefended or defended row (the seeds figure plots only those)."""
-    return bool(group.rows.role.isin(["undefended", "defended"]).any())
-
-
 def seeds_figure(group: Group) -> Figure | None:
     """Every seed's ASR and ACC per column and task (a strip plot: bimodal cells stay visible)."""
-    rows = group.rows[group.rows.role.isin(["undefended", "defended"])]
-    if not has_attacked_rows(group):  # only clean-encoder rows so far: nothing to plot
+    rows = group.attacked
+    if rows.empty:  # only clean-encoder rows so far: nothing to plot
         return None
     rows = rows.assign(column=rows.apply(lambda r: "undefended" if r.role == "undefended" else r.defense, axis=1))
     long = pd.concat([rows.assign(metric="ASR", value=rows.asr_all), rows.assign(metric="ACC", value=rows.acc)])

@@ -115,6 +115,21 @@ def test_publish_renders_pages_with_statistics_and_figures(tmp_path):
     assert "/somewhere" not in index + page  # machine paths never reach a page
 
 
+def test_a_seed_with_only_its_clean_row_so_far_is_listed_but_not_tabled(tmp_path):
+    """A grid still running has evaluated a seed's clean encoder before its attack: publishing must still work
+    and rank over the seeds that have attacked rows."""
+    rows = _rows({"undefended": [90, 91, 92, 93], "ft": [10, 11, 12, 13]})
+    clean_only = rows[rows.role == "clean"].head(1).assign(seed=7, row_key="clean-seed-7")
+    only_clean_group = clean_only.assign(pretrain="synth-stl10", row_key="clean-stl10")
+    path = tmp_path / "rows.csv"
+    publish.write_snapshot(publish.snapshot_rows(pd.concat([rows, clean_only, only_clean_group]), "AVX2"), path)
+    publish.publish(path, tmp_path)
+    page = (tmp_path / "badencoder-synth-cifar10.md").read_text()
+    assert "(tiny, 2 seeds)" in page and "over seeds 0, 1" in page
+    assert "No attacked encoder in this group yet." in (tmp_path / "badencoder-synth-stl10.md").read_text()
+    assert "| badencoder on synth-cifar10 | tiny | 0, 1 |" in (tmp_path / "README.md").read_text()
+
+
 def test_rendering_twice_gives_the_same_pages(tmp_path):
     snapshot = _snapshot(tmp_path)
     first = {p.name: p.read_text() for p in publish.publish(snapshot, tmp_path / "a", figures=False)}
