@@ -1,11 +1,13 @@
 """The documentation checks itself: every built-in attack and defense has its parity page with a parity table
-that says where each value came from; every relative link resolves; README stays short; the CLI reference is the
+that says where each value came from and a reference-trace section that agrees with the recorded traces
+(tests/reference/*.json, one layout); every relative link resolves; README stays short; the CLI reference is the
 code's; the user guide names no issue numbers or dates.
 
 Fast: reads the registries, the profiles and the markdown files, trains nothing.
 """
 import dataclasses
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -192,3 +194,176 @@ def test_a_value_without_a_source_is_caught():
     assert source_problems("defense", page.replace("scaling rule", "reference"), {"epochs": {}})  # not a source
     assert source_problems("attack", page.replace("scaling rule", "attacker's side"), {"epochs": {}}) == \
         source_problems("attack", page, {"epochs": {}})  # an attack may be tuned on ASR
+
+
+# ------------------------------------------------------------------ the reference trace of each method
+
+REFERENCE = ROOT / "tests" / "reference"
+TRACES = sorted(REFERENCE.glob("*.json"))
+# every part of a method has one of these statuses; on its page a one-line paragraph, the label, opens the list of
+# the parts that have it (docs/methods/README.md, "Reference trace")
+TRACE_LABELS = {"Trace-tested": "trace-tested", "Different by design": "different by design",
+                "Not traceable (no public code)": "not traceable"}
+TRACE_LINK = re.compile(r"\]\((?:\.\./)+tests/reference/([\w.-]+\.json)\)")
+REPO_AT = re.compile(r"\b([\w.-]+/[\w.-]+)@([0-9a-f]{7,40})\b")
+SPELLING = {"λ": "lambda", "β": "beta", "−": "-", "×": "x", "`": "", "*": ""}
+
+
+def trace_section(text: str) -> str | None:
+    """The body of a page's '## Reference trace' section (up to the next '## ' heading), or None."""
+    parts = re.split(r"^##\s+Reference trace\s*$", text, maxsplit=1, flags=re.MULTILINE)
+    return re.split(r"^##\s", parts[1], maxsplit=1, flags=re.MULTILINE)[0] if len(parts) == 2 else None
+
+
+def trace_groups(section: str) -> dict[str, list[str]]:
+    """label -> its parts: a one-line paragraph ending in ':' labels the bullet list that follows it (a bullet's
+    continuation lines joined to it); a list with no label is listed under ''."""
+    groups, label = {}, ""
+    for paragraph in re.split(r"\n\s*\n", section.strip()):
+        lines = paragraph.strip().splitlines()
+        if len(lines) == 1 and lines[0].endswith(":") and not lines[0].startswith("- "):
+            label = lines[0][:-1].strip()
+            groups.setdefault(label, [])
+        elif lines[0].startswith("- "):
+            bullets = groups.setdefault(label, [])
+            for line in lines:
+                if line.startswith("- "):
+                    bullets.append(line[2:])
+                else:
+                    bullets[-1] += " " + line.strip()
+        else:
+            label = ""  # prose ends a label's list
+    return groups
+
+
+def spelled(text: str) -> str:
+    """``text`` lower-cased, in plain spelling (λ = lambda, no backticks), spaces collapsed: how parts are matched."""
+    for symbol, plain in SPELLING.items():
+        text = text.replace(symbol, plain)
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def part_name(part: str) -> str:
+    """A trace part's name, which its bullet on the page starts with: its text up to the first ':', ',', '(' or '—'."""
+    return re.split(r"[:,(—]", spelled(part), maxsplit=1)[0].strip()
+
+
+def load_traces() -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text(encoding="utf-8")) for path in TRACES}
+
+
+def layout_problems(trace: dict) -> list[str]:
+    """What departs from the one layout of a trace: ``reference: {repository, commit}``, ``changes``, ``parts``."""
+    ref = trace.get("reference")
+    problems = [f"a top-level {key!r}: it belongs in 'reference' (repository, commit) or is called 'changes'"
+                for key in ("repository", "commit", "changed") if key in trace]
+    if not isinstance(ref, dict) or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(ref.get("repository"))) \
+            or not re.fullmatch(r"[0-9a-f]{40}", str(ref.get("commit"))):
+        problems.append(f"'reference' must be {{'repository': 'owner/name', 'commit': <40 hex digits>}}, got {ref!r}")
+    if not trace.get("changes") or not all(isinstance(c, str) for c in trace["changes"]):
+        problems.append("'changes' must list what was changed to run the authors' code (one string each)")
+    if not trace.get("parts"):
+        problems.append("'parts' must list the method's parts, each {'part', 'status', 'why'}")
+    problems += [f"part {p.get('part')!r}: status {p.get('status')!r} is not one of {sorted(TRACE_LABELS.values())}"
+                 for p in trace.get("parts", []) if p.get("status") not in TRACE_LABELS.values()]
+    return problems
+
+
+def trace_problems(name: str, text: str, traces: dict[str, dict]) -> list[str]:
+    """What is wrong with a parity page's 'Reference trace' section, given every trace (file name -> JSON)."""
+    section = trace_section(text)
+    if section is None:
+        return ["no '## Reference trace' section: list each part of the method under 'Trace-tested:', "
+                "'Different by design:' or 'Not traceable (no public code):'"]
+    groups = trace_groups(section)
+    problems = [f"the label {label!r} is not a status: use one of {', '.join(TRACE_LABELS)}"
+                for label in groups if label not in TRACE_LABELS]
+    problems += [] if any(groups.values()) else ["the section lists no part"]
+    linked = TRACE_LINK.findall(section)
+    problems += [f"links {f}, which is not a trace in tests/reference" for f in linked if f not in traces]
+    linked = [f for f in linked if f in traces]
+    own = [f for f, trace in traces.items() if trace["method"] == name]
+    problems += [f"does not link its trace tests/reference/{f}" for f in own if f not in linked]
+    problems += commit_problems(section, {f: traces[f] for f in linked})
+    for f in own:
+        for part in traces[f]["parts"]:
+            label = next((k for k, v in TRACE_LABELS.items() if v == part["status"]), part["status"])
+            if not any(spelled(b).startswith(part_name(part["part"])) for b in groups.get(label, [])):
+                problems.append(f"{f}'s part {part['part']!r} is {part['status']}: list it under '{label}:' "
+                                f"starting with {part_name(part['part'])!r}")
+    tested = {part_name(p["part"]) for f in linked for p in traces[f]["parts"] if p["status"] == "trace-tested"}
+    problems += [f"'{b[:60]}' is listed as trace-tested but no linked trace records a trace-tested part it starts with"
+                 for b in groups.get("Trace-tested", []) if not any(spelled(b).startswith(n) for n in tested)]
+    return problems
+
+
+def commit_problems(section: str, linked: dict[str, dict]) -> list[str]:
+    """Each linked trace's repository is named with the commit it was recorded at (``owner/name@<hash>``), and no
+    other commit of that repository is named."""
+    named = REPO_AT.findall(section)
+    problems = []
+    for f, trace in linked.items():
+        repo, commit = trace["reference"]["repository"], trace["reference"]["commit"]
+        mine = [h for r, h in named if r == repo]
+        if not any(commit.startswith(h) for h in mine):
+            problems.append(f"does not name {repo}@{commit[:7]}, where {f} was recorded")
+        problems += [f"names {repo}@{h}, but {f} was recorded at {commit[:7]}"
+                     for h in mine if not commit.startswith(h)]
+    return problems
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.name)
+def test_every_trace_has_the_common_layout(path):
+    trace = json.loads(path.read_text(encoding="utf-8"))
+    problems = layout_problems(trace)
+    if not (METHODS_DIR / f"{trace.get('method')}.md").is_file():
+        problems.append(f"'method' {trace.get('method')!r} names no page in docs/methods")
+    assert not problems, f"tests/reference/{path.name}: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize("kind,name", _cases())
+def test_every_parity_page_says_how_each_part_was_traced(kind, name):
+    """The page's 'Reference trace' section gives each part one status, names the commit of each trace it links and
+    lists every part its own traces record, under the status they record."""
+    page = METHODS_DIR / f"{name}.md"
+    problems = trace_problems(name, page.read_text(encoding="utf-8"), load_traces())
+    assert not problems, f"{page.name}: " + "; ".join(problems)
+
+
+def test_a_page_that_disagrees_with_its_trace_is_caught():
+    trace = {"method": "m", "reference": {"repository": "a/b", "commit": "0123456" + "0" * 33},
+             "changes": ["device: CPU"],
+             "parts": [{"part": "λ schedule: raise and lowering", "status": "trace-tested", "why": ""},
+                       {"part": "loss (labels)", "status": "different by design", "why": "no labels"}]}
+    page = """## Reference trace
+
+Trace-tested against a/b@0123456 ([`m.json`](../../tests/reference/m.json)).
+
+Trace-tested:
+
+- lambda schedule: every branch
+
+Different by design:
+
+- loss: NT-Xent, the reference's
+  cross-entropy needs labels
+
+## Deviations
+"""
+    traces = {"m.json": trace}
+    assert trace_problems("m", page, traces) == [] and layout_problems(trace) == []
+
+    def problem(text: str, traces: dict = traces) -> str:
+        return " | ".join(trace_problems("m", text, traces))
+
+    assert "names a/b@0123457, but m.json was recorded at 0123456" in problem(page.replace("@0123456", "@0123457"))
+    assert "'Not applicable' is not a status" in problem(page.replace("Different by design:", "Not applicable:"))
+    assert "part 'loss (labels)'" in problem(page.replace("- loss:", "- objective:"))  # a part missing
+    assert "part 'loss (labels)'" in problem(page.replace("Different by design:", "Not traceable (no public code):"))
+    assert "'pruning rule' is listed as trace-tested" in problem(page.replace("branch", "branch\n- pruning rule"))
+    assert "no '## Reference trace' section" in problem(page.replace("## Reference trace", "## Trace"))
+    assert "does not link its trace tests/reference/m.json" in \
+        problem(page.replace("m.json", "n.json"), {**traces, "n.json": {**trace, "method": "n"}})
+    assert "not one of" in " ".join(layout_problems({**trace, "parts": [{"part": "x", "status": "not applicable"}]}))
+    assert "top-level 'repository'" in " ".join(
+        layout_problems({k: v for k, v in trace.items() if k != "reference"} | {"repository": "a/b"}))
