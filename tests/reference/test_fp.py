@@ -7,7 +7,7 @@ its stop rule reads was scripted: no labels exist for an encoder) and built its 
 with defbench's own ``rank_channels`` and ``choose_ratio``: the mean activation of every channel, the order,
 the order of tied (dead) channels, and the set of channels pruned at every count both visit; and that FP's
 fine-tuning recipe is FT's (whose updates tests/reference/test_ft.py traces). The stopping rule, the
-candidate counts and the pruning op differ (by design or as recorded in the JSON's ``parts``;
+candidate counts and the pruning op differ by design (as recorded in the JSON's ``parts``;
 docs/methods/fp.md); the test checks the recorded reference behaviour they are documented from.
 
 Tolerance: activations to ``1e-5`` relative (fp32 forward, the same convolutions; the mean taken as
@@ -95,7 +95,8 @@ def test_pruned_channels_at_every_count_match_the_reference(monkeypatch):
 
 
 def test_recorded_reference_behaviour_is_what_the_parity_page_says():
-    """The 'different' parts of docs/methods/fp.md, read off the reference's own run."""
+    """What docs/methods/fp.md records of the reference's own run (its candidate counts, what it fine-tunes after
+    the stop, its mask holding through fine-tuning), read off that run."""
     cands = RUN["candidates"]
     step = math.ceil(RUN["channels"] * REF["settings"]["once_prune_ratio"])
     assert [c["num_pruned"] for c in cands] == list(range(0, step * len(cands), step))
