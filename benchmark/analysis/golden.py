@@ -65,7 +65,7 @@ def run_subset(profile: Profile, env: Env, workers: int = 1) -> pd.DataFrame:
     torch.set_num_threads(THREADS)
     spec = grid_spec(profile, pretrain=[PRETRAIN], downstream=TASKS)
     cells = expand_grid(profile, spec)
-    outcomes = run_grid(list(cells.values()), env, "local", workers)
+    outcomes = run_grid(list(cells.values()), env, "local", workers, threads=THREADS)  # every worker too
     failed = [f"{o.stage.label}: {o.error}" for o in outcomes if o.status in ("failed", "skipped")]
     if failed:
         raise GoldenError("the regression subset did not finish: " + "; ".join(failed[:3]))

@@ -237,11 +237,12 @@ class _Scheduler:
 
 def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: int = 1,
              show_progress: bool | None = None, submitit_folder: Path | None = None,
-             slurm: dict | None = None, on_stage: Callable[[Stage, int, int, Outcome | None], None] | None = None
-             ) -> list[Outcome]:
+             slurm: dict | None = None, on_stage: Callable[[Stage, int, int, Outcome | None], None] | None = None,
+             threads: int | None = None) -> list[Outcome]:
     """Run ``stages`` and their inputs. ``on_stage`` (in-process executor only) is told about each stage twice:
     before it runs (outcome None) and after (its outcome), with its position and the total, so a caller can say
-    which stage runs and how long it should take (``defbench demo``)."""
+    which stage runs and how long it should take (``defbench demo``). ``threads``: each local worker's intra-op
+    threads on a CPU (default: the cores shared out among the workers)."""
     show = progress_enabled() if show_progress is None else show_progress
     sched = _Scheduler(stages, show)
     if executor == "local" and workers <= 1:
@@ -255,7 +256,7 @@ def run_grid(stages: list[Stage], env: Env, executor: str = "local", workers: in
             if on_stage:
                 on_stage(stage, position, sched.total, outcome)
     elif executor == "local":
-        _run_pool(sched, env, workers)
+        _run_pool(sched, env, workers, threads)
     elif executor in ("submitit", "submitit-local"):
         _run_submitit(sched, env, workers, executor == "submitit-local",
                       submitit_folder or env.store.root.parent / "submitit", slurm or {})
@@ -283,12 +284,15 @@ def _drive(sched: _Scheduler, submit, poll, capacity: int) -> None:
             sched.finish(outcome)
 
 
-def _run_pool(sched: _Scheduler, env: Env, workers: int) -> None:
+def _run_pool(sched: _Scheduler, env: Env, workers: int, threads: int | None = None) -> None:
     ctx = multiprocessing.get_context("spawn")
     devices = ctx.Queue()
     for device in worker_devices(env, workers):
         devices.put(device)
-    threads = max(1, (os.cpu_count() or 1) // workers) if env.device.type == "cpu" else 2
+    if env.device.type != "cpu":
+        threads = 2
+    elif threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(devices, threads, os.getpid())) as pool:
         def poll(handles: list[Future]):
