@@ -102,3 +102,26 @@ def test_check_reads_this_cpu_kinds_file_and_a_kind_without_one_is_told_how_to_w
     assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
     assert "AVX512" in result.output and "kinds with one: AVX2" in result.output
     assert "golden update --seeds 0" in result.output
+
+
+class _PoolStarted(Exception):
+    pass
+
+
+def test_every_golden_worker_runs_at_the_subsets_thread_count(monkeypatch):
+    """`golden check --workers N` must give the one-worker values: each pool worker is started with the subset's
+    THREADS intra-op threads, not the cores shared out among the workers (which changes the rounding)."""
+    from defbench.benchmark.commands.common import make_profile_env
+    from defbench.benchmark.pipeline import scheduler
+
+    started = {}
+
+    def fake_pool(workers, mp_context, initializer, initargs):
+        started.update(workers=workers, threads=initargs[1])
+        raise _PoolStarted
+
+    monkeypatch.setattr(scheduler, "ProcessPoolExecutor", fake_pool)
+    profile, env = make_profile_env("ci", (), 0, "cpu", None, False)
+    with pytest.raises(_PoolStarted):
+        g.run_subset(profile, env, workers=3)
+    assert started == {"workers": 3, "threads": g.THREADS}

@@ -27,7 +27,8 @@ def _golden_options(fn):
                            "e.g. AVX512-GenuineIntel)")(fn)
     fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")(fn)
     fn = click.option("--workers", type=click.IntRange(min=1, max=4 * (os.cpu_count() or 1)), default=1,
-                      show_default=True, help="parallel stages (processes)")(fn)
+                      show_default=True, help="parallel stages (processes), each at the subset's fixed thread "
+                      "count, so the values do not depend on it")(fn)
     return fn
 
 
