@@ -67,10 +67,11 @@ bench-compare: $(STAMP)
 # prints what moved and fails if anything moved beyond its seed-spread tolerance.
 # GOLDEN_WORKERS stages at once, each at the subset's 2 threads (values identical to one worker): on 2 cores
 # they fill the single-threaded gaps of each stage (measured on a fresh store: 1 worker 1,442 s at 118 % CPU,
-# 3 workers 799 s at 191 %)
+# 3 workers 799 s at 191 %); OMP_WAIT_POLICY=PASSIVE, as for the tests: without it the waiting threads of three
+# workers spin on the two cores (the same subset took longer than one worker)
 GOLDEN_WORKERS ?= 3
 ci-small: $(STAMP)
-	$(BIN)/defbench golden check --workers $(GOLDEN_WORKERS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/defbench golden check --workers $(GOLDEN_WORKERS)
 
 # The GPU path on a CUDA machine (under 8 minutes on one H100): the CUDA test subset, fp32 vs bf16 step ratios at
 # width 64 / batch 512, one tiny cell's wall time, the paper grid's estimated GPU-hours per stage kind (docs/gpu.md).
