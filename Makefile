@@ -67,7 +67,7 @@ bench-compare: $(STAMP)
 # prints what moved and fails if anything moved beyond its seed-spread tolerance.
 # GOLDEN_WORKERS stages at once, each at the subset's 2 threads (values identical to one worker): on 2 cores
 # they fill the single-threaded gaps of each stage (measured on a fresh store: 1 worker 1,442 s at 118 % CPU,
-# 3 workers 799 s at 191 %; 4 in CI, see the closing notes); OMP_WAIT_POLICY=PASSIVE, as for the tests: without it the waiting threads of three
+# 3 workers 799 s at 191 %); OMP_WAIT_POLICY=PASSIVE, as for the tests: without it the waiting threads of three
 # workers spin on the two cores (the same subset took longer than one worker)
 GOLDEN_WORKERS ?= 4
 ci-small: $(STAMP)
