@@ -142,6 +142,12 @@ def _p(value: float) -> str:
     return "= —" if pd.isna(value) else ("< 0.001" if value < 0.001 else f"= {value:.3f}")
 
 
+def _p_cell(value: float) -> str:
+    """A p-value in a table cell: '< 0.001' or '0.042'."""
+    text = _p(value)
+    return text[2:] if text.startswith("=") else text
+
+
 def table_section(group: Group) -> str:
     if not group.seeds:
         return "No attacked encoder in this group yet.\n"
@@ -174,6 +180,23 @@ def implant_section(group: Group) -> str:
     return "\n".join(lines)
 
 
+def control_statements(comparison: stats.Comparison, better: str) -> list[str]:
+    """Which defenses differ from the undefended encoder: Wilcoxon, Holm over the comparisons with it alone."""
+    control = stats.versus_control(comparison.pairs, "undefended", better == "lower")
+    family, n_blocks, metric = len(control), comparison.values.shape[0], comparison.metric.upper()
+    test = f"Wilcoxon, Holm over the {family} comparisons with undefended, p < 0.05"
+    out = [f"{metric} {better} than undefended ({test}): "
+           f"{', '.join(control[control.verdict == 'better'].column) or 'none'}."]
+    worse = control[control.verdict == "worse"].column
+    if len(worse):
+        out.append(f"{metric} {'higher' if better == 'lower' else 'lower'} than undefended: {', '.join(worse)}.")
+    if stats.smallest_holm_p(n_blocks, family) >= stats.ALPHA:
+        out.append(f"At {n_blocks} blocks no defense can be separated from undefended either (Holm over {family}: "
+                   f"at best p = {stats.smallest_holm_p(n_blocks, family):.3f}; that takes at least "
+                   f"{stats.blocks_to_separate(family)} blocks).")
+    return out
+
+
 def statements(comparison: stats.Comparison) -> list[str]:
     """What the paired tests support, in words: which defenses are separated from the undefended encoder and
     whether the top-ranked column is separated from the runner-up (Holm-corrected Wilcoxon, p < 0.05)."""
@@ -181,19 +204,19 @@ def statements(comparison: stats.Comparison) -> list[str]:
     if pairs.empty:
         return ["Too few blocks for a paired test."]
     out = []
+    n_blocks, n_pairs = comparison.values.shape[0], len(pairs)
+    if stats.smallest_holm_p(n_blocks, n_pairs) >= stats.ALPHA:
+        out.append(f"The all-pairs test cannot separate any two columns at {n_blocks} blocks, whatever the values: "
+                   f"the exact Wilcoxon test's "
+                   f"smallest two-sided p is 2 / 2^{n_blocks} = {2 / 2 ** n_blocks:.4f}, and Holm over {n_pairs} "
+                   f"pairs raises it to {stats.smallest_holm_p(n_blocks, n_pairs):.3f}; that takes at least "
+                   f"{stats.blocks_to_separate(n_pairs)} blocks.")
 
     def verdict(a: str, b: str) -> pd.Series:
         hit = pairs[((pairs.a == a) & (pairs.b == b)) | ((pairs.a == b) & (pairs.b == a))]
         return hit.iloc[0]
-    defenses = [c for c in comparison.values.columns if c != "undefended"]
-    if "undefended" in comparison.values.columns and defenses:
-        separated = [d for d in defenses if verdict("undefended", d).verdict == f"{d} better"]
-        worse = [d for d in defenses if verdict("undefended", d).verdict == "undefended better"]
-        out.append(f"{comparison.metric.upper()} {better} than undefended (Holm p < 0.05): "
-                   f"{', '.join(separated) or 'none'}.")
-        if worse:
-            out.append(f"{comparison.metric.upper()} {'higher' if better == 'lower' else 'lower'} than undefended: "
-                       f"{', '.join(worse)}.")
+    if "undefended" in comparison.values.columns and len(comparison.values.columns) > 1:
+        out += control_statements(comparison, better)
     if not comparison.friedman_p < stats.ALPHA:
         out.append(f"The Friedman test does not separate the columns (p {_p(comparison.friedman_p)}): no ranking "
                    "is claimed.")
@@ -205,6 +228,18 @@ def statements(comparison: stats.Comparison) -> list[str]:
     out.append(f"Best average rank: {top} ({comparison.ranks[top]:.2f}); {sep} from the runner-up {runner} "
                f"({comparison.ranks[runner]:.2f}): Holm p {_p(row.p_holm)}, n = {row.n}.")
     return out
+
+
+def control_table(comparison: stats.Comparison) -> list[str]:
+    """Each defense against the undefended encoder, Holm-corrected over those comparisons only."""
+    if "undefended" not in comparison.values.columns or comparison.pairs.empty:
+        return []
+    control = stats.versus_control(comparison.pairs, "undefended", comparison.metric == "asr")
+    lines = [f"Each defense against undefended: mean difference defense − undefended (points), Wilcoxon p, "
+             f"Holm-corrected p over these {len(control)} comparisons.", "",
+             "| defense | n | − undefended | p | Holm p | verdict |", "|---|---|---|---|---|---|"]
+    return lines + [f"| {r.column} | {r.n} | {r.mean_diff:+.2f} | {_p_cell(r.p)} | {_p_cell(r.p_holm)} | {r.verdict} |"
+                    for r in control.itertuples()]
 
 
 def ranking_section(group: Group, comparison: stats.Comparison, figure: str) -> str:
@@ -221,12 +256,13 @@ def ranking_section(group: Group, comparison: stats.Comparison, figure: str) -> 
               "", "| column | average rank | mean |", "|---|---|---|"]
     means = comparison.values.mean()
     lines += [f"| {c} | {r:.2f} | {means[c]:.2f} |" for c, r in comparison.ranks.items()]
+    lines += ["", *control_table(comparison)]
     lines += ["", "<details><summary>Every pair: mean difference a − b (points), bootstrap 95 % interval, "
-              "Wilcoxon signed-rank p, Holm-corrected p</summary>", "",
+              "Wilcoxon signed-rank p, Holm-corrected p over all pairs</summary>", "",
               "| a | b | n | a − b | 95 % interval | p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in comparison.pairs.itertuples():
         lines.append(f"| {r.a} | {r.b} | {r.n} | {r.mean_diff:+.2f} | [{r.ci_low:+.2f}, {r.ci_high:+.2f}] | "
-                     f"{_p(r.p)[2:]} | {_p(r.p_holm)[2:]} | {r.verdict} |")
+                     f"{_p_cell(r.p)} | {_p_cell(r.p_holm)} | {r.verdict} |")
     lines += ["", "</details>"]
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 Every defense of a row group (one attack, one pre-training set) defends the same suspect encoders, so the
 comparison is paired: a *block* is one (downstream task, seed), and each defense has one value per block.
 For each pair of columns this module gives the mean difference with a bootstrap 95 % interval, a Wilcoxon
-signed-rank p-value and its Holm correction over all pairs; over all columns, the average ranks per block with
+signed-rank p-value and its Holm correction over all pairs (and, against the undefended encoder, over the
+comparisons with it alone); over all columns, the average ranks per block with
 a Friedman test, a critical-difference diagram and a strip plot of the seeds. The tests are scipy.stats',
 the multiple-testing correction statsmodels', the diagram scikit-posthocs' (Demšar, JMLR 2006; Benavoli et
 al., JMLR 2016 for pairwise Wilcoxon-Holm instead of the mean-ranks Nemenyi test).
@@ -76,6 +77,22 @@ def holm(p_values: list[float]) -> list[float]:
     return list(multipletests(p_values, alpha=ALPHA, method="holm")[1])
 
 
+def smallest_holm_p(n_blocks: int, n_pairs: int) -> float:
+    """The smallest Holm-corrected p any pair can reach over ``n_blocks``: the exact two-sided Wilcoxon
+    signed-rank p is at least 2 / 2**n (every difference of one sign; a zero difference only lowers n; scipy's
+    test is exact without ties and a full sign-flip permutation test with ties up to 13 blocks), and
+    Holm multiplies the smallest p of the family by its size. At or above ALPHA no pair can be separated."""
+    return min(1.0, n_pairs * 2.0 / 2.0 ** n_blocks)
+
+
+def blocks_to_separate(n_pairs: int) -> int:
+    """The fewest blocks at which the best pair of a family of ``n_pairs`` can be separated at ALPHA."""
+    n_blocks = 1
+    while smallest_holm_p(n_blocks, n_pairs) >= ALPHA:
+        n_blocks += 1
+    return n_blocks
+
+
 def pairwise(values: pd.DataFrame, lower_is_better: bool) -> pd.DataFrame:
     """Every pair of columns: mean difference a - b over the blocks, its 95 % interval, Wilcoxon p, Holm p and
     a verdict ("a better", "b better" or "not separated" at the corrected level)."""
@@ -95,6 +112,20 @@ def pairwise(values: pd.DataFrame, lower_is_better: bool) -> pd.DataFrame:
         return f"{row.a} better" if a_lower == lower_is_better else f"{row.b} better"
     pairs["verdict"] = pairs.apply(verdict, axis=1) if len(pairs) else []
     return pairs
+
+
+def versus_control(pairs: pd.DataFrame, control: str, lower_is_better: bool) -> pd.DataFrame:
+    """Every column against ``control`` alone (the undefended encoder): the pairs that involve it, Holm-corrected
+    over those k - 1 comparisons rather than all pairs (comparisons with a control, Demšar 2006, §3.2.2).
+    One row per other column: column, n, mean_diff (column - control), p, p_holm, verdict."""
+    mine = pairs[(pairs.a == control) | (pairs.b == control)]
+    flip = np.where(mine.a == control, -1.0, 1.0)  # orient every difference as column - control
+    out = pd.DataFrame({"column": np.where(mine.a == control, mine.b, mine.a), "n": mine.n.to_numpy(),
+                        "mean_diff": mine.mean_diff.to_numpy() * flip, "p": mine.p.to_numpy()})
+    out["p_holm"] = holm(out.p.tolist())
+    better = (out.mean_diff < 0) == lower_is_better
+    out["verdict"] = np.where(out.p_holm >= ALPHA, "not separated", np.where(better, "better", "worse"))
+    return out.reset_index(drop=True)
 
 
 def average_ranks(values: pd.DataFrame, lower_is_better: bool) -> pd.Series:

@@ -62,6 +62,43 @@ def test_the_verdict_follows_the_direction_of_the_metric():
     assert stats.pairwise(tied, lower_is_better=True).verdict.iloc[0] == "not separated"
 
 
+def test_the_resolution_floor_is_the_best_holm_p_that_the_blocks_allow():
+    """The floor is what the tests give on the most extreme data: one column below another on every block."""
+    for n_blocks in (5, 10, 11, 15):
+        columns = {f"c{i}": np.arange(n_blocks) * (i + 1) + 100.0 * i for i in range(10)}  # one-signed, untied
+        best = stats.pairwise(pd.DataFrame(columns), lower_is_better=True).p_holm.min()
+        assert stats.smallest_holm_p(n_blocks, 45) == pytest.approx(best)
+    assert stats.blocks_to_separate(45) == 11  # 45 * 2 / 2**10 = 0.088, 45 * 2 / 2**11 = 0.044
+
+
+def test_a_page_says_when_its_blocks_cannot_separate_any_pair():
+    def lines(n_blocks):
+        values = pd.DataFrame({"undefended": np.full(n_blocks, 99.0), "ft": np.arange(n_blocks) + 10.0,
+                               "nad": np.arange(n_blocks) + 1.0}, index=pd.RangeIndex(n_blocks))
+        ranks, (stat, p) = stats.average_ranks(values, True), stats.friedman(values)
+        return publish.statements(stats.Comparison("asr", values, stats.pairwise(values, True), ranks, stat, p))
+    few, many = lines(3), lines(8)
+    assert any("cannot separate any two columns at 3 blocks" in s and "at least 7 blocks" in s for s in few)  # 3 pairs
+    assert not any("cannot separate" in s or "no defense can be separated" in s for s in many)
+
+
+def test_against_undefended_the_family_is_its_own_comparisons():
+    """Ten columns over 10 blocks: the all-pairs family (45) cannot separate anything, the 9 comparisons with
+    undefended can, and a defense below undefended on every block is separated there."""
+    rng = np.random.default_rng(0)
+    values = pd.DataFrame({"undefended": rng.uniform(95, 100, 10),
+                           **{f"d{i}": rng.uniform(0, 90, 10) for i in range(9)}})
+    pairs = stats.pairwise(values, lower_is_better=True)
+    assert (pairs.verdict == "not separated").all()
+    control = stats.versus_control(pairs, "undefended", lower_is_better=True)
+    assert list(control.column) == [f"d{i}" for i in range(9)] and (control.verdict == "better").all()
+    assert control.p_holm.tolist() == pytest.approx(stats.holm(control.p.tolist()))
+    assert control.mean_diff.tolist() == pytest.approx([(values[c] - values.undefended).mean() for c in control.column])
+    flipped = stats.versus_control(stats.pairwise(values[values.columns[::-1]], True), "undefended", True)
+    by_column = control.set_index("column").mean_diff.to_dict()
+    assert flipped.set_index("column").mean_diff.to_dict() == pytest.approx(by_column)
+
+
 def test_friedman_and_average_ranks():
     ordered = pd.DataFrame({"a": np.arange(8.0), "b": np.arange(8.0) + 10, "c": np.arange(8.0) + 20})
     stat, p = stats.friedman(ordered)
@@ -103,7 +140,9 @@ def test_publish_renders_pages_with_statistics_and_figures(tmp_path):
     names = {p.name for p in written}
     assert names == {"README.md", "badencoder-synth-cifar10.md", "badencoder-npz-cifar10.md"}
     page = (tmp_path / "badencoder-synth-cifar10.md").read_text()
-    assert "Friedman test over 10 blocks" in page and "ASR lower than undefended (Holm p < 0.05): ft, mimic" in page
+    assert "Friedman test over 10 blocks" in page
+    assert "ASR lower than undefended (Wilcoxon, Holm over the 2 comparisons with undefended, p < 0.05): ft, mimic" \
+        in page
     assert "Best average rank: mimic (1.00); separated from the runner-up ft" in page
     assert "ACC: the Friedman test does not separate" not in page and "does not separate the columns" in page
     assert "**" in page  # mimic's Average ASR: lower than ft's on all 10 blocks, separated by the paired test
