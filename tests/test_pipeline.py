@@ -87,15 +87,22 @@ def test_results_rows_carry_config_seed_device_and_code(ci_profile, ci_env):
     assert 0 <= row.acc <= 100 and 0 <= row.asr_all <= 100
 
 
-def test_a_lost_database_is_refilled_from_the_artifacts(ci_profile, ci_env, tmp_path):
+def test_a_lost_database_is_refilled_from_the_artifacts(ci_profile, ci_env, tmp_path, monkeypatch):
+    import time
+
     from defbench.benchmark.pipeline.results import ResultsDB
     from defbench.benchmark.pipeline.stages import Env
     stages = list(cell_stages(ci_profile, "badencoder", "none", PRETRAIN, TASK).values())
     run_grid(stages, ci_env, show_progress=False)
+    monkeypatch.setattr(time, "strftime", lambda *args: "2999-01-01T00:00:00")  # "now", while refilling
     fresh = Env(ci_env.store, ResultsDB(tmp_path / "new.sqlite"), ci_env.data_dir, ci_env.device)
     outcomes = run_grid(stages, fresh, show_progress=False)
     assert all(o.status == "cached" for o in outcomes)
-    assert len(fresh.db.evaluations()) == 2
+    rows = fresh.db.evaluations()
+    assert len(rows) == 2
+    # a row rewritten from the cache is dated when its result was computed, not when it was rewritten
+    for row in rows.itertuples():
+        assert row.created_at == ci_env.store.read_meta("evaluate", row.eval_key)["written_at"]
 
 
 def test_a_failing_stage_fails_only_its_dependents(ci_profile, ci_env):

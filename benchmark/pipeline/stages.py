@@ -450,10 +450,15 @@ def record_evaluation(stage: Stage, env: Env) -> dict:
                   **{k: v for k, v in meta["result"].items()  # a screened encoder's rejection rates
                      if k not in ("acc", "asr_all", "asr_excl", "n_test", "protocol")},
                   **({"suspect": labels["suspect"]} if labels.get("suspect") else {})},
-        **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")},
+        **{k: labels.get(k) for k in ("study", "arm", "sweep", "x")}, **_computed_at(meta),
     }
     env.db.add_evaluation(row)
     return row
+
+
+def _computed_at(meta: dict) -> dict:
+    """A row's date: when its stage's result was written, so a row rewritten from the cache keeps it."""
+    return {"created_at": meta["written_at"]} if meta.get("written_at") else {}
 
 
 def row_records(records: dict) -> dict:
@@ -483,7 +488,7 @@ def record_measurement(stage: Stage, env: Env) -> dict:
     row = {"row_key": _row_key(stage), "stage_key": stage.key, "name": stage.name, "result": meta["result"],
            "seconds": meta.get("seconds"), "device": meta.get("device"), "code_version": stage.code,
            **{k: labels.get(k) for k in ("study", "arm", "profile", "overrides", "seed", "attack", "defense",
-                                         "pretrain", "downstream", "role")}}
+                                         "pretrain", "downstream", "role")}, **_computed_at(meta)}
     env.db.add_measurement(row)
     return row
 
